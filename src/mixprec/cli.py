@@ -1,0 +1,230 @@
+"""`mixprec ...`: a thin layer that parses, calls one run, prints, and sets the exit code.
+
+Exit codes: 0 success, 1 the run finished but failed (diverged), 2 bad usage or input
+(one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from mixprec.errors import UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem, then exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mixprec import __version__
+
+    parser = _Parser(prog="mixprec", description="Safe, automatic and measured mixed-precision training for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"mixprec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a task under a precision policy")
+    t.add_argument("task", nargs="?", default=None, metavar="TASK",
+                   help="a recipe name (see `mixprec recipes`; default lm) or package.module:function returning a mixprec.Task")
+    t.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the task function (repeatable)")
+    t.add_argument("--precision", default=None, metavar="P",
+                   help="fp32, tf32, fp16-mixed, bf16-mixed, fp16-true, bf16-true or an alias (default fp32, or the --policy file's mode)")
+    t.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN[,PATTERN]",
+                   help="keep modules in fp32: a qualified-name glob (lm_head, blocks.*.attn) or type:ClassName")
+    t.add_argument("--policy", default=None, metavar="FILE", help="a policy YAML/JSON file")
+    t.add_argument("--steps", type=_positive_int, default=100, metavar="N", help="optimizer steps (default 100)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="batch size (passed to the task function as batch_size)")
+    t.add_argument("--accumulate", type=_positive_int, default=1, metavar="K", help="micro-batches per optimizer step")
+    t.add_argument("--clip-grad-norm", type=_positive_float, default=None, metavar="X", help="clip the gradient norm (after unscaling)")
+    t.add_argument("--seed", type=int, default=0, metavar="S")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    t.add_argument("--checkpoint-dir", default=None, metavar="DIR")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
+                   help="checkpoint every N steps (and always at the end) when --checkpoint-dir is set")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    t.add_argument("--json", default=None, metavar="FILE", help="write the mixprec.train/1 result (- for stdout)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(handler=_cmd_train)
+
+    f = sub.add_parser("formats", help="the number formats and their limits")
+    f.add_argument("--json", default=None, metavar="FILE")
+    f.set_defaults(handler=_cmd_formats)
+
+    r = sub.add_parser("recipes", help="the built-in tasks")
+    r.add_argument("--json", default=None, metavar="FILE")
+    r.set_defaults(handler=_cmd_recipes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or EXIT_OK)
+    except UsageError as exc:
+        sys.stderr.write(f"mixprec {args.command}: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("mixprec: interrupted\n")
+        return 130
+
+
+# -- output helpers ----------------------------------------------------------------------
+def _json_safe(obj: Any) -> Any:
+    """Strict JSON: non-finite floats become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _check_json_target(target: str | None) -> None:
+    """Fail before the run, not after it, when the --json file cannot be written."""
+    if target is None or target == "-":
+        return
+    parent = Path(target).resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"--json {target!r}: directory {str(parent)!r} does not exist or is not writable")
+    if Path(target).is_dir():
+        raise UsageError(f"--json {target!r} is a directory; give a file name")
+
+
+def _write_json(target: str | None, document: dict[str, Any]) -> None:
+    if target is None:
+        return
+    text = json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        return
+    path = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # atomic: an existing file is replaced whole or not at all
+
+
+# -- commands -----------------------------------------------------------------------------
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mixprec.policy import policy_from_options
+    from mixprec.runs.train import train
+    from mixprec.taskref import load_task, parse_task_args
+
+    _check_json_target(args.json)
+    policy = policy_from_options(args.precision, args.keep_fp32, args.policy)
+    task_args = parse_task_args(args.task_arg)
+    if args.batch_size is not None:
+        task_args["batch_size"] = args.batch_size
+    task = load_task(args.task, task_args)
+    out = sys.stderr if args.json == "-" else sys.stdout
+
+    from mixprec.progress import TrainProgress
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda m, *a, **k: sys.stderr.write(f"mixprec: warning: {m}\n")
+        with TrainProgress(task.name, args.steps, enabled=not args.no_progress) as progress:
+            result = train(
+                task, policy, steps=args.steps, accumulate=args.accumulate, clip_grad_norm=args.clip_grad_norm,
+                seed=args.seed, device=args.device, checkpoint_dir=args.checkpoint_dir,
+                checkpoint_every=args.checkpoint_every, resume=args.resume, on_step=progress.update,
+            )
+    _write_json(args.json, result)
+    out.write(summary(result) + "\n")
+    return EXIT_OK if result["status"] == "completed" else EXIT_FAILED
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The closing lines of `mixprec train`."""
+    p = result["policy"]
+    fp32 = f", fp32: {', '.join(p['fp32_modules'])}" if p["fp32_modules"] else ""
+    n_skipped = len(result["skipped_steps"])
+    lines = [
+        f"mixprec train {result['task']}: {p['mode']}{fp32} - {result['steps']} steps "
+        f"({result['optimizer_steps']} applied, {n_skipped} skipped) in {result['wall_time_s']:.1f} s",
+    ]
+    if result["first_loss"] is not None:
+        lines.append(f"  loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}")
+    if result["eval"]:
+        lines.append("  eval " + "  ".join(f"{k} {v:.4g}" for k, v in result["eval"].items()))
+    step_time = result["step_time_s"]
+    lines.append(
+        f"  step time {step_time * 1000:.1f} ms (median)  peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB"
+        f"  loss scale {result['loss_scale']:g}"
+    )
+    if result["resumed_from_step"] is not None:
+        lines.append(f"  resumed from step {result['resumed_from_step']}")
+    if result["status"] != "completed":
+        lines.append(f"  DIVERGED: {result['diagnosis']}")
+    return "\n".join(lines)
+
+
+def _cmd_formats(args: argparse.Namespace) -> int:
+    from mixprec.environment import environment
+    from mixprec.formats import formats_table, render_formats_table
+
+    _check_json_target(args.json)
+    if args.json != "-":
+        print(render_formats_table())
+    _write_json(args.json, {"schema": "mixprec.formats/1", "formats": formats_table(), "environment": environment()})
+    return EXIT_OK
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from mixprec.environment import environment
+    from mixprec.recipes import DEFAULT_RECIPE, RECIPES
+
+    _check_json_target(args.json)
+    rows = [
+        {"name": r.name, "default": r.name == DEFAULT_RECIPE, "domain": r.domain, "model": r.model,
+         "data": r.data, "metric": r.metric, "description": r.description}
+        for r in RECIPES.values()
+    ]
+    if args.json != "-":
+        for row in rows:
+            mark = " (default)" if row["default"] else ""
+            print(f"{row['name']}{mark}: {row['domain']} - {row['model']}\n    data: {row['data']}\n    metric: {row['metric']}")
+    _write_json(args.json, {"schema": "mixprec.recipes/1", "recipes": rows, "environment": environment()})
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

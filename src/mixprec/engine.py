@@ -1,0 +1,353 @@
+"""The engine: one optimizer step under a policy.
+
+A user's own loop::
+
+    engine = mixprec.Engine("fp16-mixed", accumulate=2, clip_grad_norm=1.0)
+    model, optimizer = engine.setup(model, optimizer)
+    for batch in batches:
+        with engine.autocast():
+            loss = loss_fn(model, batch)
+        engine.backward(loss)
+        result = engine.step()      # accumulates, or steps, or skips; says which
+
+``step`` does, at an accumulation boundary: (true modes) gradients to fp32 master
+weights, unscale with GradScaler's kernel, clip by norm after unscaling, the finite
+check, step or skip each optimizer, scale update, zero the gradients. It synchronizes
+with the device once (one small tensor copied to the host) and returns a
+:class:`StepResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from mixprec.environment import cpu_has_fast_fp16
+from mixprec.errors import UsageError
+from mixprec.policy import Policy, parse_policy, resolve_rules
+from mixprec.precision import Plugin, make_plugin
+from mixprec.scaler import LossScaler
+
+# Why a step was skipped.
+NONFINITE_GRAD = "nonfinite_grad"  # overflow in the (scaled) gradients: a scale problem
+NONFINITE_LOSS = "nonfinite_loss"  # the forward pass itself went non-finite: not a scale problem
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one :meth:`Engine.step` call did.
+
+    ``action`` is ``"accumulated"`` (not at a boundary yet), ``"stepped"`` or ``"skipped"``
+    (then ``reason`` says why). ``loss_scale`` is the scale this step's gradients carried,
+    ``next_loss_scale`` the one the next step uses. ``grad_norm`` is the total norm after
+    unscaling and before clipping, when it was computed (clipping on, or loss scaling off).
+    ``loss`` comes with the step's one synchronization, so logging it costs nothing extra.
+    ``scale_floor_hit``: the gradients overflowed with the scale already at ``min_scale``.
+    """
+
+    action: str
+    step: int
+    reason: str | None = None
+    loss_scale: float = 1.0
+    next_loss_scale: float = 1.0
+    grad_norm: float | None = None
+    optimizers_stepped: tuple[bool, ...] = ()
+    scale_floor_hit: bool = False
+    loss: float | None = None  # mean loss of the window's micro-batches (as passed to backward)
+
+    @property
+    def stepped(self) -> bool:
+        return self.action == "stepped"
+
+    @property
+    def skipped(self) -> bool:
+        return self.action == "skipped"
+
+
+@dataclass
+class _Slot:
+    """An optimizer and, in the true modes, its (model param, fp32 master) pairs."""
+
+    optimizer: torch.optim.Optimizer
+    pairs: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+class Engine:
+    def __init__(
+        self,
+        policy: Policy | str = "fp32",
+        *,
+        accumulate: int = 1,
+        clip_grad_norm: float | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.policy = parse_policy(policy)
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise UsageError(f"accumulate must be an integer >= 1, got {accumulate!r}")
+        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+            raise UsageError(f"clip_grad_norm must be a number > 0 (or None), got {clip_grad_norm!r}")
+        self.accumulate = accumulate
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self._device = torch.device(device) if device is not None else None
+        self.scaler = LossScaler(self.policy.scaler, enabled=self.policy.loss_scaling)
+        self._plugin: Plugin | None = None
+        self._models: list[nn.Module] = []
+        self._slots: list[_Slot] = []
+        self._hooks: list[Any] = []
+        self.fp32_modules: list[str] = []
+        self._micro = 0  # backward/step calls since the last optimizer step
+        self._window_losses: list[torch.Tensor] = []
+        self.steps = 0  # optimizer steps attempted (stepped + skipped)
+        self.skipped_steps = 0
+
+    # -- set-up -----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device if self._device is not None else torch.device("cpu")
+
+    def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
+        """Prepare ``model`` (and the optimizers over its parameters) for the policy.
+
+        Applies per-module rules, converts parameters in the true modes and gives the
+        optimizers fp32 master weights. Returns ``model`` or ``(model, *optimizers)``, the
+        same objects, so the call reads like Fabric's.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"setup() expects an nn.Module first, got {type(model).__name__}")
+        for opt in optimizers:
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"setup() expects torch.optim.Optimizer objects, got {type(opt).__name__}")
+            if opt.state:
+                raise UsageError("setup() must be called before the optimizer has stepped (its state is not empty)")
+        if self._device is None:
+            first = next(iter(model.parameters()), None)
+            self._device = first.device if first is not None else torch.device("cpu")
+        plugin = self._plugin_for_device()
+        roots = resolve_rules(self.policy, model)
+        fp32_params = {id(p) for name in roots for p in model.get_submodule(name).parameters()}
+
+        masters: dict[int, nn.Parameter] = {}
+        if plugin.uses_master_weights:
+            # Cloned before conversion: masters start from the exact fp32 values.
+            for p in model.parameters():
+                if p.is_floating_point() and id(p) not in fp32_params and id(p) not in masters:
+                    masters[id(p)] = nn.Parameter(p.detach().clone().float(), requires_grad=p.requires_grad)
+        self._hooks += plugin.convert_module(model, roots)
+        self.fp32_modules += roots
+        self._models.append(model)
+
+        model_params = {id(p): p for p in model.parameters()}
+        for opt in optimizers:
+            slot = _Slot(opt)
+            for group in opt.param_groups:
+                swapped = []
+                for p in group["params"]:
+                    m = masters.get(id(p))
+                    if m is not None:
+                        slot.pairs.append((model_params[id(p)], m))
+                        swapped.append(m)
+                    else:
+                        swapped.append(p)
+                group["params"] = swapped
+            self._slots.append(slot)
+        return model if not optimizers else (model, *optimizers)
+
+    def _plugin_for_device(self) -> Plugin:
+        if self._plugin is None:
+            self._plugin = make_plugin(self.policy.mode_info, self.device)
+            if self.policy.mode_info.compute == "fp16" and self.device.type == "cpu" and not cpu_has_fast_fp16():
+                warnings.warn(
+                    "fp16 on this CPU: it has no fast fp16 kernels (no AVX512-FP16/AMX-FP16), "
+                    "so fp16 matmuls run far slower than fp32; bf16-mixed is the fast format here",
+                    stacklevel=3,
+                )
+        return self._plugin
+
+    # -- the loop ------------------------------------------------------------------------
+    @property
+    def accumulating(self) -> bool:
+        """True while the current micro-batch is not the last of its accumulation window."""
+        return self._micro + 1 < self.accumulate
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The forward context: the policy's autocast (or none), plus DDP's ``no_sync``
+        on micro-batches that do not end an accumulation window."""
+        plugin = self._plugin_for_device()
+        with contextlib.ExitStack() as stack:
+            if self.accumulating:
+                for model in self._models:
+                    if hasattr(model, "no_sync"):
+                        stack.enter_context(model.no_sync())
+            stack.enter_context(plugin.forward_context())
+            yield
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """Backward of ``loss / accumulate``, scaled when loss scaling is on."""
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise UsageError(f"backward() expects a scalar loss tensor, got {_describe(loss)}")
+        self._window_losses.append(loss.detach())
+        if self.accumulate > 1:
+            loss = loss / self.accumulate
+        self.scaler.scale_loss(loss).backward(**kwargs)
+
+    def step(self, *optimizers: torch.optim.Optimizer) -> StepResult:
+        """End a micro-batch; at an accumulation boundary, step or skip the optimizers
+        (all of them, or the ones given) and zero their gradients."""
+        if not self._slots:
+            raise UsageError("step() before setup(model, optimizer): the engine has no optimizer to step")
+        if self.accumulating:
+            self._micro += 1
+            return StepResult("accumulated", self.steps, loss_scale=self.scaler.scale, next_loss_scale=self.scaler.scale)
+        self._micro = 0
+        slots = self._select(optimizers)
+        scale = self.scaler.scale
+
+        flags: list[torch.Tensor] = []
+        for slot in slots:
+            for p, m in slot.pairs:
+                m.grad = None if p.grad is None else p.grad.to(torch.float32)
+                p.grad = None
+            grads = [p.grad for p in slot.params() if p.grad is not None]
+            found = self.scaler.unscale_(grads)
+            if found is None:  # no scaling: finiteness comes from the norm below
+                found = torch.zeros(1, device=self.device)
+            flags.append(found.reshape(1))
+        params = [p for slot in slots for p in slot.params() if p.grad is not None]
+        norm = self._grad_norm(params)
+        had_losses = bool(self._window_losses)
+        if had_losses:
+            window = torch.stack([l.reshape(()).float() for l in self._window_losses])
+            loss_ok, loss_mean = window.isfinite().all(), window.mean()
+        else:
+            loss_ok, loss_mean = torch.tensor(True), torch.tensor(float("nan"))
+        self._window_losses = []
+
+        # The one host-device synchronization of this step.
+        values = torch.cat([f.to(self.device) for f in flags] + [
+            (norm if norm is not None else torch.zeros((), device=self.device)).reshape(1).float(),
+            loss_ok.reshape(1).float().to(self.device),
+            loss_mean.reshape(1).to(self.device),
+        ]).tolist()
+        *found_inf, norm_value, loss_finite, loss_value = values
+        loss_value = loss_value if had_losses else None
+        norm_finite = norm is None or _finite(norm_value)
+        found = [bool(f) or not norm_finite for f in found_inf]
+
+        self.steps += 1
+        if not loss_finite:
+            # Invariant 4: a forward pass that is already non-finite says nothing about the
+            # scale, so the scale stays where it is.
+            self.skipped_steps += 1
+            self._zero_grad(slots)
+            return StepResult("skipped", self.steps, NONFINITE_LOSS, scale, self.scaler.scale,
+                              optimizers_stepped=(False,) * len(slots), loss=loss_value)
+        stepped = []
+        for slot, inf in zip(slots, found):
+            if not inf:
+                slot.optimizer.step()
+                if slot.pairs:
+                    with torch.no_grad():
+                        torch._foreach_copy_([p for p, _ in slot.pairs], [m for _, m in slot.pairs])
+            stepped.append(not inf)
+        update = self.scaler.update(any(found))
+        self._zero_grad(slots)
+        any_stepped = any(stepped)
+        self.skipped_steps += not any_stepped
+        return StepResult(
+            "stepped" if any_stepped else "skipped", self.steps, None if any_stepped else NONFINITE_GRAD,
+            scale, self.scaler.scale, norm_value if norm is not None else None, tuple(stepped),
+            update.floor_hit, loss_value,
+        )
+
+    def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        if not params:
+            return None
+        if self.clip_grad_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
+        if self.scaler.enabled:
+            return None  # the unscale kernel already checked finiteness; skip a pass
+        # No scaling and no clipping: the finite check costs one read of the gradients,
+        # and the norm comes with it.
+        grads = [p.grad for p in params]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+    def _select(self, optimizers: Sequence[torch.optim.Optimizer]) -> list[_Slot]:
+        if not optimizers:
+            return self._slots
+        by_id = {id(s.optimizer): s for s in self._slots}
+        missing = [o for o in optimizers if id(o) not in by_id]
+        if missing:
+            raise UsageError("step() got an optimizer that was not passed to setup()")
+        return [by_id[id(o)] for o in optimizers]
+
+    @staticmethod
+    def _zero_grad(slots: list[_Slot]) -> None:
+        for slot in slots:
+            slot.optimizer.zero_grad(set_to_none=True)
+            for p, _ in slot.pairs:
+                p.grad = None
+
+    # -- reporting and state ------------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale
+
+    def effective_policy(self) -> dict[str, Any]:
+        """What runs where: the mode, its compute format and the modules kept in fp32."""
+        mode = self.policy.mode_info
+        return {
+            "mode": mode.name,
+            "compute_format": mode.compute,
+            "master_weights": mode.kind == "true",
+            "loss_scaling": self.scaler.enabled,
+            "fp32_modules": list(self.fp32_modules),
+            "rules": [str(r) for r in self.policy.rules],
+            "controller": self.policy.controller.name,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.policy.mode,
+            "scaler": self.scaler.state_dict(),
+            "micro": self._micro,
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "masters": [[m.detach().clone() for _, m in slot.pairs] for slot in self._slots],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("mode") != self.policy.mode:
+            raise UsageError(
+                f"engine state was saved under precision {state.get('mode')!r}, this engine runs {self.policy.mode!r}"
+            )
+        masters = state["masters"]
+        if len(masters) != len(self._slots) or any(len(a) != len(s.pairs) for a, s in zip(masters, self._slots)):
+            raise UsageError("engine state does not match this model/optimizer set-up (master weights differ)")
+        self.scaler.load_state_dict(state["scaler"])
+        self._micro = int(state["micro"])
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+        with torch.no_grad():
+            for saved, slot in zip(masters, self._slots):
+                for t, (p, m) in zip(saved, slot.pairs):
+                    m.copy_(t)
+                    p.copy_(t)
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    return type(obj).__name__

@@ -1,0 +1,139 @@
+"""One small class per kind of mode, behind one interface (after Lightning Fabric's plugins).
+
+- :class:`FullPrecision`: fp32 (and tf32 on GPUs that have it).
+- :class:`MixedPrecision`: fp32 parameters, ``torch.autocast`` to fp16/bf16.
+- :class:`TruePrecision`: parameters stored in fp16/bf16, fp32 master weights in the optimizer.
+
+Per-module fp32 rules ("islands") are applied with forward hooks, not by replacing
+``forward``: the pre-hook casts floating inputs to fp32 (and, under autocast, disables it
+for the module); the post-hook restores autocast or casts outputs back down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from mixprec.errors import UsageError
+from mixprec.formats import get_format
+from mixprec.policy import Mode
+
+
+def cast_floating(obj: Any, dtype: torch.dtype) -> Any:
+    """``obj`` with every floating tensor (in tuples, lists and dicts too) cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(cast_floating(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [cast_floating(o, dtype) for o in obj]
+    if type(obj) is dict:
+        return {k: cast_floating(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+class Plugin:
+    """The interface every mode implements."""
+
+    def __init__(self, mode: Mode, device: torch.device) -> None:
+        self.mode = mode
+        self.device = device
+        fmt = get_format(mode.compute)
+        self.dtype: torch.dtype = fmt.dtype if fmt.dtype is not None else torch.float32
+
+    def convert_module(self, model: nn.Module, fp32_roots: list[str]) -> list[Any]:
+        """Convert ``model`` in place for this mode; return the hook handles it installed."""
+        return []
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @property
+    def uses_master_weights(self) -> bool:
+        return False
+
+
+class FullPrecision(Plugin):
+    def __init__(self, mode: Mode, device: torch.device) -> None:
+        super().__init__(mode, device)
+        if mode.name == "tf32" and not _cuda_has_tf32(device):
+            raise UsageError(
+                f"tf32 needs an NVIDIA GPU of compute capability >= 8.0; this run is on {device} "
+                "(use fp32, or bf16-mixed on CPUs with AVX512_BF16/AMX)"
+            )
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:
+        if self.mode.name != "tf32":
+            yield
+            return
+        # Scoped to the forward pass instead of flipping the global default for everyone.
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class MixedPrecision(Plugin):
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def convert_module(self, model: nn.Module, fp32_roots: list[str]) -> list[Any]:
+        handles = []
+        device_type = self.device.type
+        for name in fp32_roots:
+            module = model.get_submodule(name)
+            stack: list[torch.autocast] = []
+
+            def pre(mod: nn.Module, args: Any, kwargs: Any, stack=stack) -> Any:
+                ctx = torch.autocast(device_type, enabled=False)
+                ctx.__enter__()
+                stack.append(ctx)
+                return cast_floating(args, torch.float32), cast_floating(kwargs, torch.float32)
+
+            def post(mod: nn.Module, args: Any, output: Any, stack=stack) -> None:
+                if stack:
+                    stack.pop().__exit__(None, None, None)
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, always_call=True))
+        return handles
+
+
+class TruePrecision(Plugin):
+    @property
+    def uses_master_weights(self) -> bool:
+        return True
+
+    def convert_module(self, model: nn.Module, fp32_roots: list[str]) -> list[Any]:
+        model.to(self.dtype)
+        handles = []
+        low = self.dtype
+        for name in fp32_roots:
+            module = model.get_submodule(name)
+            module.float()
+
+            def pre(mod: nn.Module, args: Any, kwargs: Any) -> Any:
+                return cast_floating(args, torch.float32), cast_floating(kwargs, torch.float32)
+
+            def post(mod: nn.Module, args: Any, output: Any) -> Any:
+                # The rest of the model runs in `low`; hand it what it expects.
+                return cast_floating(output, low)
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post))
+        return handles
+
+
+def make_plugin(mode: Mode, device: torch.device) -> Plugin:
+    kind = {"full": FullPrecision, "mixed": MixedPrecision, "true": TruePrecision}[mode.kind]
+    return kind(mode, device)
+
+
+def _cuda_has_tf32(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8

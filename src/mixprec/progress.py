@@ -1,0 +1,39 @@
+"""The training progress bar (tqdm, on stderr): step, loss, loss scale, skipped steps, steps/s."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+from mixprec.runs.train import StepEvent
+
+
+class TrainProgress:
+    """A context manager whose :meth:`update` is the ``on_step`` callback of ``train``."""
+
+    def __init__(self, name: str, total: int, enabled: bool = True) -> None:
+        self._bar: Any = None
+        self._name, self._total, self._enabled = name, total, enabled
+
+    def __enter__(self) -> "TrainProgress":
+        if self._enabled:
+            # mininterval keeps refreshes (and their cost) rare on fast steps.
+            self._bar = tqdm(total=self._total, desc=self._name, unit="step", file=sys.stderr,
+                             dynamic_ncols=True, mininterval=0.5, leave=True)
+        return self
+
+    def update(self, event: StepEvent) -> None:
+        if self._bar is None:
+            return
+        if self._bar.n == 0 and event.step > 1:
+            self._bar.update(event.step - 1)  # resumed: start the bar where the run is
+        r = event.result
+        loss = "nan" if r.loss is None or r.loss != r.loss else f"{r.loss:.4f}"
+        self._bar.set_postfix_str(f"loss {loss}  scale {r.next_loss_scale:g}  skipped {event.skipped_so_far}", refresh=False)
+        self._bar.update(1)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
