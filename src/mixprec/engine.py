@@ -75,9 +75,12 @@ class _Slot:
 
     optimizer: torch.optim.Optimizer
     pairs: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)
+    # The optimizer's parameters in the model's own order: clip_grad_norm_ over
+    # model.parameters() sums the norms in that order, and float sums depend on order.
+    ordered: list[torch.Tensor] = field(default_factory=list)
 
     def params(self) -> list[torch.Tensor]:
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
+        return self.ordered
 
 
 class Engine:
@@ -145,8 +148,10 @@ class Engine:
         self._models.append(model)
 
         model_params = {id(p): p for p in model.parameters()}
+        position = {id(p): i for i, p in enumerate(model_params.values())}
         for opt in optimizers:
             slot = _Slot(opt)
+            placed = []
             for group in opt.param_groups:
                 swapped = []
                 for p in group["params"]:
@@ -156,7 +161,9 @@ class Engine:
                         swapped.append(m)
                     else:
                         swapped.append(p)
+                    placed.append((position.get(id(p), len(position) + len(placed)), swapped[-1]))
                 group["params"] = swapped
+            slot.ordered = [p for _, p in sorted(placed, key=lambda item: item[0])]
             self._slots.append(slot)
         return model if not optimizers else (model, *optimizers)
 
@@ -272,7 +279,7 @@ class Engine:
         if not params:
             return None
         if self.clip_grad_norm is not None:
-            return torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
+            return torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
         if self.scaler.enabled:
             return None  # the unscale kernel already checked finiteness; skip a pass
         # No scaling and no clipping: the finite check costs one read of the gradients,

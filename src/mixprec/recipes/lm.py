@@ -226,7 +226,7 @@ def _check_float(name: str, value, *, low: float, low_inclusive: bool, high: flo
 
 
 def lm(n_layer: int = 2, n_head: int = 4, d_model: int = 128, seq_len: int = 128,
-       batch_size: int = 16, lr: float = 3e-3, weight_decay: float = 0.1,
+       batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 0.1,
        dropout: float = 0.0, max_bytes: int = 2_000_000, eval_batches: int = 8) -> Task:
     """The ``lm`` Task: byte-level GPT on the standard library's source (see module doc)."""
     for name, value in [("n_layer", n_layer), ("n_head", n_head), ("d_model", d_model),
