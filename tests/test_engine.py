@@ -180,6 +180,52 @@ def test_equivalence_covers_skipped_steps_and_scale_backoff():
     assert engine.loss_scale == ref_scaler.get_scale()
 
 
+@pytest.mark.parametrize("mode", ["fp16-mixed", "bf16-mixed"])
+def test_equivalence_with_param_groups_out_of_model_order(mode):
+    # The usual "no weight decay on biases and norms" groups list parameters in another
+    # order than model.parameters(); the hand-written loop clips over model.parameters().
+    def build():
+        model = make_model()
+        decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
+        no_decay = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() == 2)]
+        opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
+                                 {"params": decay[::-1], "weight_decay": 0.1}], lr=1e-2)
+        return model, opt
+
+    dtype = DTYPES[mode.split("-")[0]]
+    data = batches(15, seed=11)
+    ref, ref_opt = build()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=dtype == torch.float16)
+    for x, y in data:
+        with torch.autocast("cpu", dtype=dtype):
+            loss = loss_fn(ref, x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(ref_opt)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.3)
+        scaler.step(ref_opt)
+        scaler.update()
+        ref_opt.zero_grad()
+
+    model, opt = build()
+    engine = Engine(Policy(mode=mode, scaler=ScalerConfig(init_scale=2.0**10)), clip_grad_norm=0.3)
+    engine.setup(model, opt)
+    for x, y in data:
+        with engine.autocast():
+            loss = loss_fn(model, x, y)
+        engine.backward(loss)
+        assert engine.step().stepped
+    assert params_equal(ref, model)
+    assert_optimizer_state_equal(ref_opt, opt)
+
+
+def test_equivalence_with_init_scale_that_is_not_an_fp32_value():
+    kw = dict(mode="fp16-mixed", accumulate=1, clip=None, steps=5, init_scale=100000.3)
+    ref_model, ref_opt, ref_scaler, _ = reference_loop(**kw)
+    model, opt, engine, _ = engine_loop(**kw)
+    assert params_equal(ref_model, model)
+    assert_optimizer_state_equal(ref_opt, opt)
+
+
 # -- several models, losses and optimizers, one scaler (PyTorch's AMP recipe) --------------
 
 
@@ -230,6 +276,55 @@ def test_multiple_models_losses_optimizers_match_gradscaler_recipe():
     assert_optimizer_state_equal(o0, eo0)
     assert_optimizer_state_equal(o1, eo1)
     assert engine.loss_scale == scaler.get_scale()
+
+
+def test_multiple_optimizers_skip_only_the_one_that_overflowed():
+    # GradScaler checks each optimizer's gradients separately: an overflow in model 1's
+    # gradients skips optimizer 1 only (and the scale backs off once).
+    def build():
+        m0, m1 = make_model(0), make_model(1)
+        return m0, m1, torch.optim.AdamW(m0.parameters(), lr=1e-2), torch.optim.AdamW(m1.parameters(), lr=1e-2)
+
+    data = batches(6, seed=6)
+    bad_step = 3
+
+    def losses(m0, m1, x, y):
+        return nn.functional.mse_loss(m0(x).float(), y), nn.functional.mse_loss(m1(x).float(), y)
+
+    m0, m1, o0, o1 = build()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for i, (x, y) in enumerate(data):
+        with torch.autocast("cpu", dtype=torch.float16):
+            l0, l1 = losses(m0, m1, x, y)
+        scaler.scale(l0 + l1).backward()
+        if i == bad_step:
+            m1[3].weight.grad[0, 0] = float("inf")
+        scaler.step(o0)
+        scaler.step(o1)
+        scaler.update()
+        o0.zero_grad()
+        o1.zero_grad()
+
+    e0, e1, eo0, eo1 = build()
+    engine = Engine(Policy(mode="fp16-mixed", scaler=ScalerConfig(init_scale=2.0**10)))
+    engine.setup(e0, eo0)
+    engine.setup(e1, eo1)
+    for i, (x, y) in enumerate(data):
+        with engine.autocast():
+            l0, l1 = losses(e0, e1, x, y)
+        engine.backward(l0 + l1)
+        if i == bad_step:
+            e1[3].weight.grad[0, 0] = float("inf")
+        r = engine.step()
+        if i == bad_step:
+            assert r.optimizers_stepped == (True, False)
+            assert r.next_loss_scale == r.loss_scale / 2
+        else:
+            assert r.optimizers_stepped == (True, True)
+    assert params_equal(m0, e0) and params_equal(m1, e1)
+    assert_optimizer_state_equal(o0, eo0)
+    assert_optimizer_state_equal(o1, eo1)
+    assert engine.loss_scale == scaler.get_scale() == 2.0**9
 
 
 # -- invariant 3: a skipped step changes nothing -----------------------------------------
@@ -521,15 +616,22 @@ def test_accumulation_step_results():
     engine.setup(model, opt)
     actions = []
     weights = []
+    window = []
     for x, y in batches(6):
         assert engine.accumulating == (len(actions) % 3 != 2)
         with engine.autocast():
             loss = loss_fn(model, x, y)
+        window.append(loss.detach().float())
         engine.backward(loss)
         r = engine.step()
         assert isinstance(r, StepResult)
         actions.append(r.action)
         weights.append(model[0].weight.detach().clone())
+        if r.stepped:
+            # The logged loss is the mean of the window's micro-batch losses.
+            assert r.loss == pytest.approx(torch.stack(window).mean().item(), rel=1e-6)
+            assert r.step == engine.steps
+            window = []
     assert actions == ["accumulated", "accumulated", "stepped"] * 2
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
     assert engine.steps == 2

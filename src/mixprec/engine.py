@@ -219,17 +219,23 @@ class Engine:
         scale = self.scaler.scale
 
         flags: list[torch.Tensor] = []
+        norms: list[torch.Tensor] = []
         for slot in slots:
             for p, m in slot.pairs:
                 m.grad = None if p.grad is None else p.grad.to(torch.float32)
                 p.grad = None
-            grads = [p.grad for p in slot.params() if p.grad is not None]
-            found = self.scaler.unscale_(grads)
-            if found is None:  # no scaling: finiteness comes from the norm below
-                found = torch.zeros(1, device=self.device)
-            flags.append(found.reshape(1))
-        params = [p for slot in slots for p in slot.params() if p.grad is not None]
-        norm = self._grad_norm(params)
+            params = [p for p in slot.params() if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse and p.grad.dtype == torch.float16:
+                    p.grad = p.grad.coalesce()  # as GradScaler: duplicates could overflow once summed
+            found = self.scaler.unscale_([p.grad for p in params])
+            norm = self._grad_norm(params)  # clips each optimizer's own gradients
+            if found is None:  # no loss scaling: the norm is the finite check
+                found = torch.zeros(1, device=self.device) if norm is None else ~norm.isfinite()
+            flags.append(found.reshape(1).float())
+            if norm is not None:
+                norms.append(norm.reshape(()))
+        norm = None if not norms else norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
         had_losses = bool(self._window_losses)
         if had_losses:
             window = torch.stack([l.reshape(()).float() for l in self._window_losses])
@@ -246,8 +252,7 @@ class Engine:
         ]).tolist()
         *found_inf, norm_value, loss_finite, loss_value = values
         loss_value = loss_value if had_losses else None
-        norm_finite = norm is None or _finite(norm_value)
-        found = [bool(f) or not norm_finite for f in found_inf]
+        found = [bool(f) for f in found_inf]
 
         self.steps += 1
         if not loss_finite:

@@ -228,10 +228,21 @@ class Policy:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+        """Write YAML, or JSON when the name ends in .json; :meth:`from_file` reads either back."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) + "\n" if path.suffix == ".json" else self.to_yaml()
+        path.write_text(text)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "policy") -> "Policy":
+        try:
+            return cls._from_dict(data, source)
+        except UsageError as exc:
+            message = str(exc)
+            raise UsageError(message if message.startswith(source) else f"{source}: {message}") from None
+
+    @classmethod
+    def _from_dict(cls, data: Any, source: str) -> "Policy":
         if not isinstance(data, dict):
             raise UsageError(f"{source}: expected a mapping with 'mode', got {type(data).__name__}")
         _check_keys(data, {"schema", "mode", "rules", "scaler", "controller"}, source)

@@ -2,7 +2,8 @@
 
 - :class:`FullPrecision`: fp32 (and tf32 on GPUs that have it).
 - :class:`MixedPrecision`: fp32 parameters, ``torch.autocast`` to fp16/bf16.
-- :class:`TruePrecision`: parameters stored in fp16/bf16, fp32 master weights in the optimizer.
+- :class:`TruePrecision`: parameters stored in fp16/bf16, fp32 master weights in the optimizer;
+  floating inputs to the model are cast to that dtype.
 
 Per-module fp32 rules ("islands") are applied with forward hooks, not by replacing
 ``forward``: the pre-hook casts floating inputs to fp32 (and, under autocast, disables it
@@ -112,8 +113,13 @@ class TruePrecision(Plugin):
 
     def convert_module(self, model: nn.Module, fp32_roots: list[str]) -> list[Any]:
         model.to(self.dtype)
-        handles = []
         low = self.dtype
+
+        def model_inputs(mod: nn.Module, args: Any, kwargs: Any) -> Any:
+            # As Fabric's true modes: floating inputs arrive in the parameters' dtype.
+            return cast_floating(args, low), cast_floating(kwargs, low)
+
+        handles = [model.register_forward_pre_hook(model_inputs, with_kwargs=True)]
         for name in fp32_roots:
             module = model.get_submodule(name)
             module.float()

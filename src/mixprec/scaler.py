@@ -10,6 +10,7 @@ for bit. ``enabled=False`` makes every method a no-op (scale 1.0) so callers nev
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -34,7 +35,7 @@ class LossScaler:
     def __init__(self, config: ScalerConfig | None = None, enabled: bool = True) -> None:
         self.config = config or ScalerConfig()
         self.enabled = enabled
-        self._scale = float(self.config.init_scale) if enabled else 1.0
+        self._scale = _fp32(self.config.init_scale) if enabled else 1.0
         self._growth_tracker = 0
         self._hysteresis_left = self.config.hysteresis
         self._tensors: dict[torch.device, torch.Tensor] = {}  # device mirror of _scale
@@ -46,7 +47,7 @@ class LossScaler:
     def _scale_on(self, device: torch.device) -> torch.Tensor:
         t = self._tensors.get(device)
         if t is None:
-            t = self._tensors[device] = torch.full((1,), self._scale, dtype=torch.float32, device=device)
+            t = self._tensors[device] = torch.full((), self._scale, dtype=torch.float32, device=device)
         return t
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -64,8 +65,10 @@ class LossScaler:
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
         for g in grads:
             if g.is_sparse:
-                # As GradScaler does: coalesce fp16 sparse grads so duplicates cannot overflow.
-                g = g.coalesce() if g.dtype == torch.float16 else g
+                if g.dtype == torch.float16 and not g.is_coalesced():
+                    # Duplicate indices could sum past fp16's max after unscaling; GradScaler
+                    # coalesces param.grad in place, which only the owner of .grad can do.
+                    raise UsageError("an fp16 sparse gradient must be coalesced before unscale_ (param.grad = param.grad.coalesce())")
                 g = g._values()
             groups[(g.device, g.dtype)].append(g)
         if not groups:
@@ -98,15 +101,15 @@ class LossScaler:
         if self._growth_tracker == c.growth_interval:
             self._growth_tracker = 0
             self._hysteresis_left = c.hysteresis
-            grown = self._scale * c.growth_factor
-            if grown != float("inf"):  # as torch: never grow into inf
+            grown = _fp32(self._scale * c.growth_factor)
+            if math.isfinite(grown):  # as torch: never grow into inf
                 self._set(grown)
                 return ScaleUpdate(grew=True)
         return ScaleUpdate()
 
     def _set(self, value: float) -> None:
         # Round through fp32 so the host float and the device tensor always agree.
-        self._scale = float(torch.tensor(value, dtype=torch.float32))
+        self._scale = _fp32(value)
         for t in self._tensors.values():
             t.fill_(self._scale)
 
@@ -127,3 +130,8 @@ class LossScaler:
         self._growth_tracker = int(state["growth_tracker"])
         self._hysteresis_left = int(state["hysteresis_left"])
         self._set(float(state["scale"]))
+
+
+def _fp32(value: float) -> float:
+    """``value`` rounded to fp32: the scale is an fp32 tensor on the device, as in GradScaler."""
+    return float(torch.tensor(value, dtype=torch.float32))
