@@ -105,7 +105,7 @@ class Engine:
         self._models: list[nn.Module] = []
         self._slots: list[_Slot] = []
         self._hooks: list[Any] = []
-        self.fp32_modules: list[str] = []
+        self._fp32_roots: list[list[str]] = []  # per model: the outermost modules rules pin to fp32
         self._micro = 0  # backward/step calls since the last optimizer step
         self._window_losses: list[torch.Tensor] = []
         self.steps = 0  # optimizer steps attempted (stepped + skipped)
@@ -144,7 +144,7 @@ class Engine:
                 if p.is_floating_point() and id(p) not in fp32_params and id(p) not in masters:
                     masters[id(p)] = nn.Parameter(p.detach().clone().float(), requires_grad=p.requires_grad)
         self._hooks += plugin.convert_module(model, roots)
-        self.fp32_modules += roots
+        self._fp32_roots.append(roots)
         self._models.append(model)
 
         model_params = {id(p): p for p in model.parameters()}
@@ -322,9 +322,35 @@ class Engine:
             "master_weights": mode.kind == "true",
             "loss_scaling": self.scaler.enabled,
             "fp32_modules": list(self.fp32_modules),
+            "modules": self._module_formats(),
             "rules": [str(r) for r in self.policy.rules],
             "controller": self.policy.controller.name,
         }
+
+    @property
+    def fp32_modules(self) -> list[str]:
+        """Qualified names of the modules kept in fp32 (``model<i>.``-prefixed with several models)."""
+        if len(self._models) == 1:
+            return list(self._fp32_roots[0])
+        return [f"model{i}.{r}" for i, roots in enumerate(self._fp32_roots) for r in roots]
+
+    def _module_formats(self) -> dict[str, str]:
+        """The format each leaf module with parameters computes in: ``fp32`` under a rule;
+        ``autocast:bf16`` in the mixed modes (autocast picks per op: matmuls and convs go
+        low, reductions and embeddings stay fp32); the storage format in the true modes."""
+        mode = self.policy.mode_info
+        compute = f"autocast:{mode.compute}" if mode.kind == "mixed" else mode.compute
+        out: dict[str, str] = {}
+        for i, (model, roots) in enumerate(zip(self._models, self._fp32_roots)):
+            prefix = f"model{i}." if len(self._models) > 1 else ""
+            for name, module in model.named_modules():
+                if not name or next(module.children(), None) is not None:
+                    continue
+                if next(module.parameters(recurse=False), None) is None:
+                    continue
+                pinned = any(name == r or name.startswith(r + ".") for r in roots)
+                out[prefix + name] = "fp32" if pinned else compute
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {
