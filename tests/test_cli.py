@@ -184,21 +184,42 @@ def test_fp16_on_this_cpu_warns_and_runs(invoke, tmp_path: Path) -> None:
     assert doc["policy"]["loss_scaling"] is True
 
 
-def test_scale_floor_exits_1_from_real_entry_point(run_cli, tmp_path: Path) -> None:
-    # An fp16 scale of 1e30 overflows every fp16 gradient, and the floor is the start.
-    (tmp_path / "policy.yaml").write_text(
-        "mode: fp16-mixed\nscaler:\n  init_scale: 1.0e+30\n  min_scale: 1.0e+30\n"
-    )
-    rc, out, err = run_cli(["train", *TINY, "--steps", "3", "--policy", "policy.yaml", "--json", "out.json",
-                            "--no-progress"])
-    assert rc == 1, f"rc {rc}\n{out}\n{err}"
-    assert "Traceback" not in err
-    assert "DIVERGED" in out
-    doc = strict_json((tmp_path / "out.json").read_text())
+def _floor_policy(path: Path, floor: str) -> None:
+    # A loss scale this large overflows every fp16 gradient, and the floor is the start.
+    path.write_text(f"mode: fp16-mixed\nscaler:\n  init_scale: {floor}\n  min_scale: {floor}\n")
+
+
+def _assert_diverged_at_step_1(doc: dict) -> None:
     assert doc["status"] == "diverged" and "minimum loss scale" in doc["diagnosis"]
     assert doc["steps"] == 1 and doc["requested_steps"] == 3
     assert doc["optimizer_steps"] == 0
-    assert doc["skipped_steps"] == [{"step": 1, "reason": "nonfinite_grad", "loss_scale": 1e30}]
+    assert [s["step"] for s in doc["skipped_steps"]] == [1]
+    assert doc["skipped_steps"][0]["reason"] == "nonfinite_grad"
+
+
+def test_scale_floor_exits_1_from_real_entry_point(run_cli, tmp_path: Path) -> None:
+    _floor_policy(tmp_path / "policy.yaml", "1.0e+30")  # 1e30 is not exactly an fp32 number
+    rc, out, err = run_cli(["train", *TINY, "--steps", "3", "--policy", "policy.yaml", "--json", "out.json",
+                            "--no-progress"])
+    assert "Traceback" not in err
+    assert rc == 1, f"rc {rc}\n{out}\n{err}"
+    assert "DIVERGED" in out
+    _assert_diverged_at_step_1(strict_json((tmp_path / "out.json").read_text()))
+
+
+@pytest.mark.parametrize("floor", [
+    pytest.param("1.2676506002282294e+30", id="2**100-fp32-exact"),
+    pytest.param("1.0e+30", id="1e30-not-fp32-exact"),
+])
+def test_scale_floor_diverges(invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, floor: str) -> None:
+    """min_scale is a floor whatever its value; the scale lives in fp32, the floor need not."""
+    monkeypatch.chdir(tmp_path)
+    _floor_policy(tmp_path / "policy.yaml", floor)
+    rc, out, err = invoke(["train", *TINY, "--steps", "3", "--policy", "policy.yaml", "--json", "out.json",
+                           "--no-progress"])
+    assert rc == 1, f"rc {rc}\n{out}\n{err}"
+    assert "DIVERGED" in out
+    _assert_diverged_at_step_1(strict_json((tmp_path / "out.json").read_text()))
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -306,13 +327,13 @@ def test_user_task_from_current_directory(invoke, workdir: Path) -> None:
 def test_policy_file_mode_written_as_a_yaml_number(invoke, workdir: Path) -> None:
     """`mode: 32` is the alias 32 (fp32), but YAML reads it as the int 32. Either accept it
     or say what is wrong with the value and list the valid modes (invariant 7)."""
-    (workdir / "mode32.yaml").write_text("mode: 32\n")
-    rc, out, err = invoke(["train", *TINY, "--steps", "1", "--policy", "mode32.yaml", "--json", "out.json",
+    (workdir / "numeric_mode.yaml").write_text("mode: 32\n")
+    rc, out, err = invoke(["train", *TINY, "--steps", "1", "--policy", "numeric_mode.yaml", "--json", "out.json",
                            "--no-progress"])
     if rc == 0:
         assert strict_json((workdir / "out.json").read_text())["policy"]["mode"] == "fp32"
     else:
-        assert_usage_error(rc, err, "32", "fp32", "bf16-mixed")
+        assert_usage_error(rc, err, "32", "fp32", "bf16-mixed")  # the value, and the valid modes
 
 
 @pytest.mark.parametrize("args", [

@@ -87,7 +87,13 @@ def test_unknown_mode_lists_the_valid_ones(bad):
 
 def test_non_string_mode_is_a_usage_error():
     with pytest.raises(UsageError, match="string"):
-        normalize_mode(16)
+        normalize_mode(1.5)
+    with pytest.raises(UsageError, match="unknown precision '16'.*bf16-mixed"):
+        normalize_mode(16)  # an int is read as its text: YAML's `mode: 16`
+
+
+def test_integer_alias_from_yaml_is_accepted():
+    assert normalize_mode(32) == "fp32"  # YAML reads `mode: 32` as an int
 
 
 def test_auto_is_a_clear_usage_error():

@@ -78,7 +78,13 @@ def load(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"no checkpoint at {str(path)!r}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            # torch's own message suggests weights_only=False: advice not to pass on.
+            raise UsageError(f"checkpoint {str(path)!r} is corrupt or not a torch checkpoint: it holds objects "
+                             "other than tensors and plain containers, which safe (weights_only) loading refuses") from None
+        raise UsageError(f"checkpoint {str(path)!r} is corrupt or not a torch checkpoint: {exc}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UsageError(f"checkpoint {str(path)!r} is corrupt or not a torch checkpoint: {first}") from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:

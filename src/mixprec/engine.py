@@ -136,6 +136,8 @@ class Engine:
         plugin = self._plugin_for_device()
         roots = resolve_rules(self.policy, model)
         fp32_params = {id(p) for name in roots for p in model.get_submodule(name).parameters()}
+        if plugin.uses_master_weights:
+            _check_ties(model, roots, fp32_params)
 
         masters: dict[int, nn.Parameter] = {}
         if plugin.uses_master_weights:
@@ -379,6 +381,21 @@ class Engine:
                 for t, (p, m) in zip(saved, slot.pairs):
                     m.copy_(t)
                     p.copy_(t)
+
+
+def _check_ties(model: nn.Module, roots: list[str], fp32_params: set[int]) -> None:
+    """In the true modes a parameter has one storage dtype: a weight tied between a module
+    kept in fp32 and one that is not cannot honour both."""
+    for name, module in model.named_modules():
+        if any(name == r or name.startswith(r + ".") for r in roots):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in fp32_params:
+                owner = next(r for r in roots for q in model.get_submodule(r).parameters() if q is p)
+                raise UsageError(
+                    f"{name}.{pname} is tied to a parameter of {owner!r}, which a rule keeps in fp32; in the true "
+                    f"modes a tied weight has one dtype: keep both {name!r} and {owner!r} in fp32, or neither"
+                )
 
 
 def _finite(x: float) -> bool:

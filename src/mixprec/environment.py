@@ -85,7 +85,7 @@ def _mixprec_version() -> str:
         return str(getattr(mixprec, "__version__", "unknown"))
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -106,7 +106,7 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     """Versions and hardware for the JSON ``environment`` block (JSON-serializable)."""
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     cpu = cpu_model()
     gpu: str | None = None
     if dev.type == "cuda":

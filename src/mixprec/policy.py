@@ -71,8 +71,10 @@ RULE_FORMATS = ("fp32",)
 
 def normalize_mode(text: str) -> str:
     """The canonical mode name for a mode string or alias; UsageError otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)  # `mode: 32` in YAML is the alias 32
     if not isinstance(text, str):
-        raise UsageError(f"precision must be a string, got {type(text).__name__}")
+        raise UsageError(f"precision must be a string, got {text!r}; valid: {', '.join(MODES)}")
     key = text.strip().lower()
     if key in MODES:
         return key

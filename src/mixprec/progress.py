@@ -18,17 +18,16 @@ class TrainProgress:
         self._name, self._total, self._enabled = name, total, enabled
 
     def __enter__(self) -> "TrainProgress":
-        if self._enabled:
-            # mininterval keeps refreshes (and their cost) rare on fast steps.
-            self._bar = tqdm(total=self._total, desc=self._name, unit="step", file=sys.stderr,
-                             dynamic_ncols=True, mininterval=0.5, leave=True)
         return self
 
     def update(self, event: StepEvent) -> None:
-        if self._bar is None:
+        if not self._enabled:
             return
-        if self._bar.n == 0 and event.step > 1:
-            self._bar.update(event.step - 1)  # resumed: start the bar where the run is
+        if self._bar is None:
+            # Opened at the first step, so a set-up error stays the only line on stderr;
+            # a resumed run starts the bar where it is. mininterval keeps refreshes rare.
+            self._bar = tqdm(total=self._total, initial=event.step - 1, desc=self._name, unit="step",
+                             file=sys.stderr, dynamic_ncols=True, mininterval=0.5, leave=True)
         r = event.result
         loss = "nan" if r.loss is None or r.loss != r.loss else f"{r.loss:.4f}"
         self._bar.set_postfix_str(f"loss {loss}  scale {r.next_loss_scale:g}  skipped {event.skipped_so_far}", refresh=False)

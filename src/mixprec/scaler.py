@@ -93,9 +93,10 @@ class LossScaler:
             if self._hysteresis_left > 1:
                 self._hysteresis_left -= 1
                 return ScaleUpdate(absorbed=True)
-            if self._scale <= c.min_scale:
+            floor = _fp32(c.min_scale)  # compared as the fp32 value the scale can take
+            if self._scale <= floor:
                 return ScaleUpdate(floor_hit=True)
-            self._set(max(self._scale * c.backoff_factor, c.min_scale))
+            self._set(max(self._scale * c.backoff_factor, floor))
             return ScaleUpdate(backed_off=True)
         self._growth_tracker += 1
         if self._growth_tracker == c.growth_interval:

@@ -19,7 +19,7 @@ import torch
 
 from mixprec import checkpoint
 from mixprec.engine import NONFINITE_LOSS, Engine, StepResult
-from mixprec.environment import environment
+from mixprec.environment import environment, resolve_device
 from mixprec.errors import UsageError
 from mixprec.policy import Policy, parse_policy
 from mixprec.task import Task
@@ -68,7 +68,7 @@ def train(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UsageError(f"seed must be an integer, got {seed!r}")
     policy = parse_policy(policy)
-    device = torch.device(device)
+    device = resolve_device(device)
     config = {"seed": seed, "accumulate": accumulate, "clip_grad_norm": clip_grad_norm}
 
     saved = _open_checkpoint_dir(checkpoint_dir, resume, task, policy, config)
