@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -106,6 +106,7 @@ class Engine:
         self._slots: list[_Slot] = []
         self._hooks: list[Any] = []
         self._fp32_roots: list[list[str]] = []  # per model: the outermost modules rules pin to fp32
+        self._dynamic: dict[str, list[Any]] = {}  # modules a controller moved to fp32 -> their hooks
         self._micro = 0  # backward/step calls since the last optimizer step
         self._window_losses: list[torch.Tensor] = []
         self.steps = 0  # optimizer steps attempted (stepped + skipped)
@@ -310,6 +311,55 @@ class Engine:
             for p, _ in slot.pairs:
                 p.grad = None
 
+    # -- applying a controller's decisions ----------------------------------------------
+    def candidate_modules(self) -> list[str]:
+        """Leaf modules with parameters that a controller may move between formats (those
+        the policy's rules already pin to fp32 excluded), in definition order."""
+        return [name for name, fmt in self._module_formats(dynamic=False).items() if fmt != "fp32"]
+
+    def apply(self, decisions: Iterable[Any]) -> None:
+        """Apply controller decisions (objects with ``module`` and ``to_format``): a module
+        to fp32 becomes an fp32 island, back to the low format loses it; ``"*"`` switches
+        the whole model (warm-up)."""
+        decisions = list(decisions)
+        if not decisions:
+            return
+        plugin = self._plugin_for_device()
+        if not plugin.supports_dynamic_islands:
+            raise UsageError(f"controllers change precision per module during training, which needs a *-mixed mode; "
+                             f"this run is {self.policy.mode!r}")
+        for d in decisions:
+            to_fp32 = d.to_format == "fp32"
+            if d.module == "*":
+                plugin.all_fp32 = to_fp32
+            elif to_fp32 and d.module not in self._dynamic:
+                self._dynamic[d.module] = plugin.island(self._find_module(d.module))
+            elif not to_fp32 and d.module in self._dynamic:
+                for handle in self._dynamic.pop(d.module):
+                    handle.remove()
+
+    def _find_module(self, name: str) -> nn.Module:
+        model, local = self._models[0], name
+        if len(self._models) > 1:
+            head, _, local = name.partition(".")
+            index = int(head[len("model"):]) if head.startswith("model") and head[5:].isdigit() else -1
+            if not 0 <= index < len(self._models):
+                raise UsageError(f"module {name!r}: with several models, names start with model<i>.")
+            model = self._models[index]
+        try:
+            return model.get_submodule(local)
+        except AttributeError:
+            raise UsageError(f"no module {name!r} in the model") from None
+
+    @property
+    def controlled_fp32_modules(self) -> list[str]:
+        """Modules a controller currently holds in fp32 (on top of the policy's rules)."""
+        return sorted(self._dynamic)
+
+    @property
+    def all_fp32(self) -> bool:
+        return bool(getattr(self._plugin, "all_fp32", False))
+
     # -- reporting and state ------------------------------------------------------------
     @property
     def loss_scale(self) -> float:
@@ -324,6 +374,8 @@ class Engine:
             "master_weights": mode.kind == "true",
             "loss_scaling": self.scaler.enabled,
             "fp32_modules": list(self.fp32_modules),
+            "controller_fp32_modules": self.controlled_fp32_modules,
+            "all_fp32": self.all_fp32,
             "modules": self._module_formats(),
             "rules": [str(r) for r in self.policy.rules],
             "controller": self.policy.controller.name,
@@ -336,7 +388,7 @@ class Engine:
             return list(self._fp32_roots[0])
         return [f"model{i}.{r}" for i, roots in enumerate(self._fp32_roots) for r in roots]
 
-    def _module_formats(self) -> dict[str, str]:
+    def _module_formats(self, dynamic: bool = True) -> dict[str, str]:
         """The format each leaf module with parameters computes in: ``fp32`` under a rule;
         ``autocast:bf16`` in the mixed modes (autocast picks per op: matmuls and convs go
         low, reductions and embeddings stay fp32); the storage format in the true modes."""
@@ -351,6 +403,8 @@ class Engine:
                 if next(module.parameters(recurse=False), None) is None:
                     continue
                 pinned = any(name == r or name.startswith(r + ".") for r in roots)
+                if dynamic and (self.all_fp32 or prefix + name in self._dynamic):
+                    pinned = True
                 out[prefix + name] = "fp32" if pinned else compute
         return out
 

@@ -176,18 +176,46 @@ class ScalerConfig:
             raise UsageError(f"scaler.enabled must be true, false or null, got {self.enabled!r}")
 
 
-CONTROLLERS = ("static",)
+CONTROLLERS = ("static", "warmup", "adaptive", "progressive")
 
 
 @dataclass(frozen=True)
 class ControllerConfig:
-    """How the policy may change during training. Only ``static`` (never) exists yet."""
+    """How the policy may change per module during training (see mixprec.controller).
+
+    - ``static``: never.
+    - ``warmup``: the first ``warmup_steps`` optimizer steps in fp32, then the mode's format.
+    - ``adaptive``: a module blamed for a non-finite step, or seen near overflow
+      (output amax > ``overflow_threshold`` x the format's max) on ``hysteresis``
+      consecutive samples, is demoted to fp32; after ``cooldown_steps`` stable steps it is
+      re-promoted; each new failure multiplies its cool-down by ``cooldown_growth``; after
+      ``max_demotions`` it stays in fp32.
+    - ``progressive``: everything starts in fp32; every ``promote_every`` stable steps the
+      ``promote_fraction`` least risky modules (by the monitor's ranges) are promoted.
+    """
 
     name: str = "static"
+    warmup_steps: int = 50
+    cooldown_steps: int = 50
+    cooldown_growth: float = 2.0
+    max_demotions: int = 3
+    overflow_threshold: float = 0.5
+    hysteresis: int = 2
+    promote_every: int = 20
+    promote_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         if self.name not in CONTROLLERS:
             raise UsageError(f"unknown controller {self.name!r}; valid: {', '.join(CONTROLLERS)}")
+        for key in ("warmup_steps", "cooldown_steps", "max_demotions", "hysteresis", "promote_every"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"controller.{key} must be an integer >= 1, got {value!r}")
+        for key, low, high in (("cooldown_growth", 1.0, float("inf")), ("overflow_threshold", 0.0, 1.0),
+                               ("promote_fraction", 0.0, 1.0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+                raise UsageError(f"controller.{key} must be a number in ({low:g}, {high:g}], got {value!r}")
 
 
 @dataclass(frozen=True)

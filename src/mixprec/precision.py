@@ -39,6 +39,9 @@ def cast_floating(obj: Any, dtype: torch.dtype) -> Any:
 class Plugin:
     """The interface every mode implements."""
 
+    # Whether modules can move to fp32 and back during training (controllers need it).
+    supports_dynamic_islands = False
+
     def __init__(self, mode: Mode, device: torch.device) -> None:
         self.mode = mode
         self.device = device
@@ -81,29 +84,39 @@ class FullPrecision(Plugin):
 
 
 class MixedPrecision(Plugin):
+    """fp32 parameters, autocast to the mode's dtype. ``all_fp32`` switches autocast off
+    for the whole model (the warm-up controller); islands can come and go during training
+    (the adaptive controllers)."""
+
+    supports_dynamic_islands = True
+
+    def __init__(self, mode: Mode, device: torch.device) -> None:
+        super().__init__(mode, device)
+        self.all_fp32 = False
+
     def forward_context(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=not self.all_fp32)
 
     def convert_module(self, model: nn.Module, fp32_roots: list[str]) -> list[Any]:
-        handles = []
+        return [h for name in fp32_roots for h in self.island(model.get_submodule(name))]
+
+    def island(self, module: nn.Module) -> list[Any]:
+        """Run ``module`` in fp32: autocast off inside it, floating inputs cast up."""
         device_type = self.device.type
-        for name in fp32_roots:
-            module = model.get_submodule(name)
-            stack: list[torch.autocast] = []
+        stack: list[torch.autocast] = []
 
-            def pre(mod: nn.Module, args: Any, kwargs: Any, stack=stack) -> Any:
-                ctx = torch.autocast(device_type, enabled=False)
-                ctx.__enter__()
-                stack.append(ctx)
-                return cast_floating(args, torch.float32), cast_floating(kwargs, torch.float32)
+        def pre(mod: nn.Module, args: Any, kwargs: Any) -> Any:
+            ctx = torch.autocast(device_type, enabled=False)
+            ctx.__enter__()
+            stack.append(ctx)
+            return cast_floating(args, torch.float32), cast_floating(kwargs, torch.float32)
 
-            def post(mod: nn.Module, args: Any, output: Any, stack=stack) -> None:
-                if stack:
-                    stack.pop().__exit__(None, None, None)
+        def post(mod: nn.Module, args: Any, output: Any) -> None:
+            if stack:
+                stack.pop().__exit__(None, None, None)
 
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(module.register_forward_hook(post, always_call=True))
-        return handles
+        return [module.register_forward_pre_hook(pre, with_kwargs=True),
+                module.register_forward_hook(post, always_call=True)]
 
 
 class TruePrecision(Plugin):
