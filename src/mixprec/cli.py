@@ -7,15 +7,14 @@ Exit codes: 0 success, 1 the run finished but failed (diverged), 2 bad usage or 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from mixprec import jsonio
 from mixprec.errors import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -39,6 +38,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -51,6 +60,7 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from mixprec import __version__
+    from mixprec.policy import CONTROLLERS
 
     parser = _Parser(prog="mixprec", description="Safe, automatic and measured mixed-precision training for PyTorch.")
     parser.add_argument("--version", action="version", version=f"mixprec {__version__}")
@@ -78,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
                    help="checkpoint every N steps (and always at the end) when --checkpoint-dir is set")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    t.add_argument("--monitor-every", type=_nonnegative_int, default=None, metavar="N",
+                   help="sample per-module numerics every N steps (default 50; 0 = off); non-finite steps are always localized")
+    t.add_argument("--monitor-formats", default=None, metavar="FMT[,FMT]",
+                   help="extra formats to measure ranges against (e.g. fp16,fp8_e4m3: how would this run look in them?)")
+    t.add_argument("--controller", default=None, choices=CONTROLLERS,
+                   help="how precision changes per module during training (default static, or the --policy file's)")
+    t.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="write monitor.jsonl and train.json here (read them with `mixprec inspect DIR`)")
+    t.add_argument("--tensorboard", default=None, metavar="DIR", help="write TensorBoard event files of the monitor here")
     t.add_argument("--json", default=None, metavar="FILE", help="write the mixprec.train/1 result (- for stdout)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(handler=_cmd_train)
@@ -85,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("formats", help="the number formats and their limits")
     f.add_argument("--json", default=None, metavar="FILE")
     f.set_defaults(handler=_cmd_formats)
+
+    i = sub.add_parser("inspect", help="a run's numerics summary and the controller's decisions")
+    i.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `mixprec train --run-dir`")
+    i.add_argument("--top", type=_positive_int, default=5, metavar="K", help="rows per ranking (default 5)")
+    i.add_argument("--json", default=None, metavar="FILE")
+    i.set_defaults(handler=_cmd_inspect)
 
     r = sub.add_parser("recipes", help="the built-in tasks")
     r.add_argument("--json", default=None, metavar="FILE")
@@ -106,17 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # -- output helpers ----------------------------------------------------------------------
-def _json_safe(obj: Any) -> Any:
-    """Strict JSON: non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _check_json_target(target: str | None) -> None:
     """Fail before the run, not after it, when the --json file cannot be written."""
     if target is None or target == "-":
@@ -131,15 +145,11 @@ def _check_json_target(target: str | None) -> None:
 def _write_json(target: str | None, document: dict[str, Any]) -> None:
     if target is None:
         return
-    text = json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n"
+    text = jsonio.dumps(document)
     if target == "-":
         sys.stdout.write(text)
-        return
-    path = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)  # atomic: an existing file is replaced whole or not at all
+    else:
+        jsonio.write_atomic(target, text)
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -149,7 +159,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mixprec.taskref import load_task, parse_task_args
 
     _check_json_target(args.json)
-    policy = policy_from_options(args.precision, args.keep_fp32, args.policy)
+    policy = policy_from_options(args.precision, args.keep_fp32, args.policy, args.controller)
     task_args = parse_task_args(args.task_arg)
     if args.batch_size is not None:
         task_args["batch_size"] = args.batch_size
@@ -165,11 +175,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
             result = train(
                 task, policy, steps=args.steps, accumulate=args.accumulate, clip_grad_norm=args.clip_grad_norm,
                 seed=args.seed, device=args.device, checkpoint_dir=args.checkpoint_dir,
-                checkpoint_every=args.checkpoint_every, resume=args.resume, on_step=progress.update,
+                checkpoint_every=args.checkpoint_every, resume=args.resume, monitor_every=args.monitor_every,
+                monitor_formats=_split(args.monitor_formats), run_dir=args.run_dir, tensorboard=args.tensorboard,
+                on_step=progress.update,
             )
     _write_json(args.json, result)
     out.write(summary(result) + "\n")
     return EXIT_OK if result["status"] == "completed" else EXIT_FAILED
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -192,9 +208,31 @@ def summary(result: dict[str, Any]) -> str:
     )
     if result["resumed_from_step"] is not None:
         lines.append(f"  resumed from step {result['resumed_from_step']}")
+    share = result.get("low_precision_flop_share")
+    if share is not None and p["mode"] not in ("fp32", "tf32"):
+        lines.append(f"  matmul FLOPs in low precision ({p['compute_format']}): {share:.0%}")
+    locs = result.get("localizations") or []
+    if locs:
+        more = f" (and {len(locs) - 1} more non-finite steps)" if len(locs) > 1 else ""
+        lines.append(f"  step {locs[0]['step']}: {locs[0]['message'].splitlines()[0]}{more}")
+    decisions = result.get("decisions") or []
+    if decisions:
+        lines.append(f"  controller {result['controller']}: {len(decisions)} decisions; now in fp32: "
+                     f"{', '.join(p.get('controller_fp32_modules') or []) or ('everything' if p.get('all_fp32') else 'none')}")
     if result["status"] != "completed":
         lines.append(f"  DIVERGED: {result['diagnosis']}")
     return "\n".join(lines)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from mixprec.inspection import inspect_run, render_inspection
+
+    _check_json_target(args.json)
+    report = inspect_run(args.run_dir, top=args.top)
+    if args.json != "-":
+        print(render_inspection(report))
+    _write_json(args.json, report)
+    return EXIT_OK
 
 
 def _cmd_formats(args: argparse.Namespace) -> int:

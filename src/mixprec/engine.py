@@ -312,10 +312,20 @@ class Engine:
                 p.grad = None
 
     # -- applying a controller's decisions ----------------------------------------------
-    def candidate_modules(self) -> list[str]:
-        """Leaf modules with parameters that a controller may move between formats (those
-        the policy's rules already pin to fp32 excluded), in definition order."""
-        return [name for name, fmt in self._module_formats(dynamic=False).items() if fmt != "fp32"]
+    def candidate_modules(self, containers: bool = False) -> list[str]:
+        """Modules a controller may move between formats, in definition order: leaf modules
+        with parameters, plus (``containers``) every module whose own forward code could
+        overflow; those the policy's rules pin to fp32 are left out."""
+        leaves = [name for name, fmt in self._module_formats(dynamic=False).items() if fmt != "fp32"]
+        if not containers:
+            return leaves
+        out = []
+        for i, (model, roots) in enumerate(zip(self._models, self._fp32_roots)):
+            prefix = f"model{i}." if len(self._models) > 1 else ""
+            for name, _ in model.named_modules():
+                if name and not any(name == r or name.startswith(r + ".") for r in roots):
+                    out.append(prefix + name)
+        return out
 
     def apply(self, decisions: Iterable[Any]) -> None:
         """Apply controller decisions (objects with ``module`` and ``to_format``): a module

@@ -347,12 +347,16 @@ def policy_from_options(
     precision: str | None = None,
     keep_fp32: Iterable[str] | str | None = None,
     policy_file: str | Path | None = None,
+    controller: str | None = None,
 ) -> Policy:
     """The policy the CLI flags describe: a file as the base, ``--precision`` overriding
-    its mode, ``--keep-fp32`` patterns (comma-separated) adding fp32 rules."""
+    its mode, ``--keep-fp32`` patterns (comma-separated) adding fp32 rules, ``--controller``
+    choosing the controller (keeping the file's controller settings)."""
     policy = Policy.from_file(policy_file) if policy_file is not None else Policy()
     if precision is not None:
         policy = replace(policy, mode=precision)
+    if controller is not None:
+        policy = replace(policy, controller=replace(policy.controller, name=controller))
     if keep_fp32:
         items = [keep_fp32] if isinstance(keep_fp32, str) else list(keep_fp32)
         tokens = [t for item in items for t in item.split(",") if t.strip()]

@@ -1,4 +1,5 @@
-"""The training progress bar (tqdm, on stderr): step, loss, loss scale, skipped steps, steps/s."""
+"""The training progress bar (tqdm, on stderr): step, loss, loss scale, skipped steps, steps/s,
+and a line for each of the first non-finite steps naming the module that broke."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from tqdm import tqdm
 
 from mixprec.runs.train import StepEvent
 
+MAX_LOCALIZATION_LINES = 5  # the rest are in the JSON and `mixprec inspect`
+
 
 class TrainProgress:
     """A context manager whose :meth:`update` is the ``on_step`` callback of ``train``."""
@@ -16,11 +19,16 @@ class TrainProgress:
     def __init__(self, name: str, total: int, enabled: bool = True) -> None:
         self._bar: Any = None
         self._name, self._total, self._enabled = name, total, enabled
+        self._told = 0
 
     def __enter__(self) -> "TrainProgress":
         return self
 
     def update(self, event: StepEvent) -> None:
+        if event.localization is not None and self._told < MAX_LOCALIZATION_LINES:
+            self._told += 1
+            line = f"step {event.step}: {event.localization['message']}"
+            tqdm.write(line, file=sys.stderr) if self._bar is not None else sys.stderr.write(line + "\n")
         if not self._enabled:
             return
         if self._bar is None:

@@ -17,14 +17,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mixprec import checkpoint
+from mixprec import checkpoint, jsonio
 from mixprec.engine import NONFINITE_LOSS, Engine, StepResult
 from mixprec.environment import environment, resolve_device
 from mixprec.errors import UsageError
 from mixprec.policy import Policy, parse_policy
+from mixprec.runs.numerics import RunNumerics
 from mixprec.task import Task
 
 TRAIN_SCHEMA = "mixprec.train/1"
+TRAIN_FILE = "train.json"  # in the run dir, next to the monitor's stream
 # A forward pass that keeps producing non-finite losses will not recover by skipping.
 MAX_CONSECUTIVE_NONFINITE_LOSS = 3
 
@@ -38,6 +40,7 @@ class StepEvent:
     result: StepResult
     seconds: float
     skipped_so_far: int
+    localization: dict[str, Any] | None = None
 
 
 def train(
@@ -52,6 +55,10 @@ def train(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    monitor_every: int | None = None,
+    monitor_formats: list[str] | None = None,
+    run_dir: str | Path | None = None,
+    tensorboard: str | Path | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``task`` under ``policy``; return the ``mixprec.train/1`` result document.
@@ -59,6 +66,11 @@ def train(
     ``steps`` counts optimizer steps (each consumes ``accumulate`` batches). With
     ``checkpoint_dir`` a checkpoint is written every ``checkpoint_every`` steps and at the
     end; ``resume`` continues from it bit-exactly.
+
+    The monitor samples every ``monitor_every`` steps (default ``monitor.DEFAULT_EVERY``;
+    0 turns it off) and on every step that goes non-finite, which it localizes to a module.
+    ``run_dir`` receives the monitor's JSONL stream, ``tensorboard`` event files. The
+    policy's controller (``static`` by default) acts on what the monitor saw.
     """
     if not isinstance(task, Task):
         raise TypeError(f"train() expects a mixprec.Task, got {type(task).__name__}")
@@ -67,6 +79,8 @@ def train(
         _positive_int("checkpoint_every", checkpoint_every)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UsageError(f"seed must be an integer, got {seed!r}")
+    if monitor_every is not None and (isinstance(monitor_every, bool) or not isinstance(monitor_every, int) or monitor_every < 0):
+        raise UsageError(f"monitor_every must be an integer >= 0 (0 = off), got {monitor_every!r}")
     policy = parse_policy(policy)
     device = resolve_device(device)
     config = {"seed": seed, "accumulate": accumulate, "clip_grad_norm": clip_grad_norm}
@@ -78,6 +92,8 @@ def train(
     optimizer = task.build_optimizer(model)
     engine = Engine(policy, accumulate=accumulate, clip_grad_norm=clip_grad_norm, device=device)
     engine.setup(model, optimizer)
+    numerics = RunNumerics(task, model, engine, policy, every=monitor_every, formats=monitor_formats,
+                           run_dir=run_dir, tensorboard=tensorboard)
 
     start = 0
     losses: list[float | None] = []
@@ -93,6 +109,12 @@ def train(
         # Replay the data stream to where the checkpoint stopped, then restore the RNGs
         # (after the replay, in case the task's iterator draws from the global RNG).
         batches = itertools.islice(batches, int(saved["batches_consumed"]), None)
+    first = next(batches, None)
+    if first is not None:
+        batches = itertools.chain([first], batches)
+    numerics.start(saved["numerics"] if saved is not None else None, first, start)
+    if saved is not None:
+        # After the replay and the FLOP count, in case they draw from the global RNG.
         checkpoint.set_rng_state(saved["rng"])
 
     times: list[float] = []
@@ -103,38 +125,45 @@ def train(
     step = start
     for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
+        numerics.before_window(step)
         for _ in range(accumulate):
             try:
                 batch = next(batches)
             except StopIteration:
                 raise UsageError(f"task {task.name!r}: train_batches ran out of data at step {step}; it must yield at least steps x accumulate batches") from None
+            numerics.add_batch(batch)
             with engine.autocast():
                 loss = task.loss(model, batch)
             engine.backward(loss)
             result = engine.step()
+        localization = numerics.after_step(step, result)
         times.append(time.perf_counter() - t0)
         losses.append(result.loss)
         if result.skipped:
             skipped.append({"step": step, "reason": result.reason, "loss_scale": result.loss_scale})
         if on_step is not None:
-            on_step(StepEvent(step, steps, result, times[-1], len(skipped)))
+            on_step(StepEvent(step, steps, result, times[-1], len(skipped), localization))
 
         nonfinite_run = nonfinite_run + 1 if result.reason == NONFINITE_LOSS else 0
+        where = f"; {localization['message'].splitlines()[0]}" if localization else ""
         if result.scale_floor_hit:
             status = "diverged"
             diagnosis = (f"gradients overflow at the minimum loss scale {policy.scaler.min_scale:g} (step {step}): "
-                         "the loss scale cannot back off further; keep the overflowing modules in fp32 (--keep-fp32) or use bf16")
+                         f"the loss scale cannot back off further{where}; keep that module in fp32 (--keep-fp32), "
+                         "use --controller adaptive, or bf16")
         elif nonfinite_run >= MAX_CONSECUTIVE_NONFINITE_LOSS:
             status = "diverged"
             diagnosis = (f"the forward pass produced a non-finite loss {nonfinite_run} steps in a row (last at step {step}); "
-                         "this is not a loss-scale problem: a module overflows in the forward pass (try --keep-fp32 or bf16)")
+                         f"this is not a loss-scale problem{where}; keep that module in fp32 (--keep-fp32), "
+                         "use --controller adaptive, or bf16")
         if checkpoint_dir is not None and (
             status != "completed" or step == steps or (checkpoint_every and step % checkpoint_every == 0)
         ):
-            _save(checkpoint_dir, task, policy, config, step, model, optimizer, engine, losses, skipped)
+            _save(checkpoint_dir, task, policy, config, step, model, optimizer, engine, losses, skipped, numerics)
         if status != "completed":
             break
     wall = time.perf_counter() - wall
+    numerics.close()
 
     metrics: dict[str, float] = {}
     if task.evaluate is not None and status == "completed":
@@ -144,7 +173,7 @@ def train(
         model.train()
 
     finite = [l for l in losses if l is not None]
-    return {
+    result = {
         "schema": TRAIN_SCHEMA,
         "task": task.name,
         "status": status,
@@ -168,8 +197,12 @@ def train(
         "wall_time_s": wall,
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+        **numerics.report(),
         "environment": environment(device),
     }
+    if run_dir is not None:
+        jsonio.write_atomic(Path(run_dir) / TRAIN_FILE, jsonio.dumps(result))
+    return result
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -221,7 +254,7 @@ def _open_checkpoint_dir(directory: str | Path | None, resume: bool, task: Task,
 
 def _save(directory: str | Path, task: Task, policy: Policy, config: dict[str, Any], step: int,
           model: torch.nn.Module, optimizer: torch.optim.Optimizer, engine: Engine,
-          losses: list[float | None], skipped: list[dict[str, Any]]) -> None:
+          losses: list[float | None], skipped: list[dict[str, Any]], numerics: RunNumerics) -> None:
     checkpoint.save(directory, {
         "task": task.name,
         "policy": policy.to_dict(),
@@ -233,4 +266,5 @@ def _save(directory: str | Path, task: Task, policy: Policy, config: dict[str, A
         "engine": engine.state_dict(),
         "rng": checkpoint.rng_state(),
         "history": {"losses": losses, "skipped": skipped},
+        "numerics": numerics.state_dict(),
     })
