@@ -413,7 +413,8 @@ class Engine:
                 if next(module.parameters(recurse=False), None) is None:
                     continue
                 pinned = any(name == r or name.startswith(r + ".") for r in roots)
-                if dynamic and (self.all_fp32 or prefix + name in self._dynamic):
+                full = prefix + name
+                if dynamic and (self.all_fp32 or any(full == d or full.startswith(d + ".") for d in self._dynamic)):
                     pinned = True
                 out[prefix + name] = "fp32" if pinned else compute
         return out

@@ -3,8 +3,8 @@
 - ``overflow_task``: an MLP classifier whose ``amp`` layer produces activations of about
   1e5: beyond fp16's max (65504), well inside bf16's range; a LayerNorm right after brings
   them back. fp32 and bf16 train; fp16-mixed overflows exactly in ``amp``.
-- ``underflow_task``: a regression whose loss is scaled by 1e-7, so its gradients sit below
-  fp16's smallest normal unless the loss is scaled.
+- ``underflow_task``: a regression whose loss is scaled by 1e-5, so its gradients sit in
+  fp16's subnormal range (below the smallest normal, 6.1e-5) unless the loss is scaled.
 - ``nan_task``: a deep stack of Linear layers with a module at ``depth`` that turns its
   output into NaN from step ``from_step`` on.
 """
@@ -76,7 +76,7 @@ def overflow_task(batch_size: int = 64, gain: float = 2e5, lr: float = 3e-3) -> 
     )
 
 
-def underflow_task(batch_size: int = 64, loss_factor: float = 1e-7, lr: float = 1e-2) -> mixprec.Task:
+def underflow_task(batch_size: int = 64, loss_factor: float = 1e-5, lr: float = 1e-2) -> mixprec.Task:
     w_true = torch.linspace(-1, 1, DIM)
 
     def batches(seed: int):

@@ -42,12 +42,6 @@ class RunNumerics:
         if every is None:
             every = DEFAULT_EVERY
         wants_controller = policy.controller.name != "static"
-        if wants_controller and mode.kind != "mixed":
-            raise UsageError(f"controller {policy.controller.name!r} changes precision per module during training, "
-                             f"which needs fp16-mixed or bf16-mixed; this run is {policy.mode!r}")
-        if every == 0 and (wants_controller or run_dir is not None or tensorboard is not None):
-            what = "the controller" if wants_controller else "--run-dir/--tensorboard"
-            raise UsageError(f"monitor_every 0 turns the monitor off, but {what} needs it; give N >= 1")
         self.monitor: Monitor | None = None
         if every:
             targets = [self.low_format] + [f for f in (formats or []) if f != self.low_format]
@@ -62,8 +56,6 @@ class RunNumerics:
             self.controller = make_controller(policy.controller, self.low_format,
                                               engine.candidate_modules(containers=containers))
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        if self.run_dir is not None:
-            _prepare_run_dir(self.run_dir)
         self._jsonl: JsonlWriter | None = None
         self._tb: TensorBoardWriter | None = None
         self._tensorboard = tensorboard
@@ -78,9 +70,6 @@ class RunNumerics:
     def start(self, saved: dict[str, Any] | None, first_batch: Any | None, resumed_step: int = 0) -> None:
         if self.run_dir is not None:
             path = self.run_dir / MONITOR_FILE
-            if saved is None and path.exists():
-                raise UsageError(f"run dir {str(self.run_dir)!r} already holds a run ({MONITOR_FILE}); "
-                                 "choose another directory, or resume that run (--checkpoint-dir ... --resume)")
             if saved is not None and path.exists():
                 # Records past the checkpoint were made by the killed run; the resumed run
                 # writes them again.
@@ -244,6 +233,28 @@ class RunNumerics:
             "localizations": self.localizations,
             "controller": self.controller.state_dict() if self.controller is not None else None,
         }
+
+
+def check_options(policy: Policy, every: int | None, formats: list[str] | None, run_dir: str | Path | None,
+                  tensorboard: str | Path | None, resume: bool) -> None:
+    """Refuse bad numerics options before anything is built or written."""
+    from mixprec.formats import get_format
+
+    wants_controller = policy.controller.name != "static"
+    if wants_controller and policy.mode_info.kind != "mixed":
+        raise UsageError(f"controller {policy.controller.name!r} changes precision per module during training, "
+                         f"which needs fp16-mixed or bf16-mixed; this run is {policy.mode!r}")
+    if every == 0 and (wants_controller or run_dir is not None or tensorboard is not None):
+        what = "the controller" if wants_controller else "--run-dir/--tensorboard"
+        raise UsageError(f"monitor_every 0 turns the monitor off, but {what} needs it; give N >= 1")
+    for name in formats or []:
+        get_format(name)
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        _prepare_run_dir(run_dir)
+        if not resume and (run_dir / MONITOR_FILE).exists():
+            raise UsageError(f"run dir {str(run_dir)!r} already holds a run ({MONITOR_FILE}); "
+                             "choose another directory, or resume that run (--checkpoint-dir ... --resume)")
 
 
 def _prepare_run_dir(run_dir: Path) -> None:

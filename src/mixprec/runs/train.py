@@ -23,6 +23,7 @@ from mixprec.environment import environment, resolve_device
 from mixprec.errors import UsageError
 from mixprec.policy import Policy, parse_policy
 from mixprec.runs.numerics import RunNumerics
+from mixprec.runs.numerics import check_options as check_numerics_options
 from mixprec.task import Task
 
 TRAIN_SCHEMA = "mixprec.train/1"
@@ -85,6 +86,7 @@ def train(
     device = resolve_device(device)
     config = {"seed": seed, "accumulate": accumulate, "clip_grad_norm": clip_grad_norm}
 
+    check_numerics_options(policy, monitor_every, monitor_formats, run_dir, tensorboard, resume)
     saved = _open_checkpoint_dir(checkpoint_dir, resume, task, policy, config)
 
     _seed_everything(seed)
