@@ -99,6 +99,7 @@ def train(
 
     start = 0
     losses: list[float | None] = []
+    scales: list[float] = []  # the loss scale each step's gradients carried
     skipped: list[dict[str, Any]] = []
     batches = task.train_batches(seed)
     if saved is not None:
@@ -107,6 +108,7 @@ def train(
         engine.load_state_dict(saved["engine"])
         start = int(saved["step"])
         losses = list(saved["history"]["losses"])
+        scales = list(saved["history"]["loss_scales"])
         skipped = list(saved["history"]["skipped"])
         # Replay the data stream to where the checkpoint stopped, then restore the RNGs
         # (after the replay, in case the task's iterator draws from the global RNG).
@@ -141,6 +143,7 @@ def train(
         localization = numerics.after_step(step, result)
         times.append(time.perf_counter() - t0)
         losses.append(result.loss)
+        scales.append(result.loss_scale)
         if result.skipped:
             skipped.append({"step": step, "reason": result.reason, "loss_scale": result.loss_scale})
         if on_step is not None:
@@ -161,7 +164,8 @@ def train(
         if checkpoint_dir is not None and (
             status != "completed" or step == steps or (checkpoint_every and step % checkpoint_every == 0)
         ):
-            _save(checkpoint_dir, task, policy, config, step, model, optimizer, engine, losses, skipped, numerics)
+            _save(checkpoint_dir, task, policy, config, step, model, optimizer, engine,
+                  {"losses": losses, "loss_scales": scales, "skipped": skipped}, numerics)
         if status != "completed":
             break
     wall = time.perf_counter() - wall
@@ -193,6 +197,7 @@ def train(
         "first_loss": finite[0] if finite else None,
         "final_loss": finite[-1] if finite else None,
         "losses": losses,
+        "loss_scales": scales,
         "eval": metrics,
         "loss_scale": engine.loss_scale,
         "step_time_s": statistics.median(times) if times else None,
@@ -256,7 +261,7 @@ def _open_checkpoint_dir(directory: str | Path | None, resume: bool, task: Task,
 
 def _save(directory: str | Path, task: Task, policy: Policy, config: dict[str, Any], step: int,
           model: torch.nn.Module, optimizer: torch.optim.Optimizer, engine: Engine,
-          losses: list[float | None], skipped: list[dict[str, Any]], numerics: RunNumerics) -> None:
+          history: dict[str, list[Any]], numerics: RunNumerics) -> None:
     checkpoint.save(directory, {
         "task": task.name,
         "policy": policy.to_dict(),
@@ -267,6 +272,6 @@ def _save(directory: str | Path, task: Task, policy: Policy, config: dict[str, A
         "optimizer": optimizer.state_dict(),
         "engine": engine.state_dict(),
         "rng": checkpoint.rng_state(),
-        "history": {"losses": losses, "skipped": skipped},
+        "history": history,
         "numerics": numerics.state_dict(),
     })
