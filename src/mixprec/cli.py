@@ -117,7 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Import-time chatter of dependencies that says nothing about the user's run: torchao
+# (imported by transformers too) announcing CUDA-only kernels a CPU build cannot load, and
+# torch's deprecation notice about torchao's pytree registration.
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    for name in _QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:  # the user's own logging config wins
+            logger.setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -210,7 +222,8 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"  resumed from step {result['resumed_from_step']}")
     share = result.get("low_precision_flop_share")
     if share is not None and p["mode"] not in ("fp32", "tf32"):
-        lines.append(f"  matmul FLOPs in low precision ({p['compute_format']}): {share:.0%}")
+        low = "fp8_e4m3 or bf16" if p["mode"] == "fp8-mixed" else p["compute_format"]
+        lines.append(f"  matmul FLOPs in low precision ({low}): {share:.0%}")
     locs = result.get("localizations") or []
     if locs:
         more = f" (and {len(locs) - 1} more non-finite steps)" if len(locs) > 1 else ""

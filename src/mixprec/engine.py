@@ -389,6 +389,8 @@ class Engine:
             "modules": self._module_formats(),
             "rules": [str(r) for r in self.policy.rules],
             "controller": self.policy.controller.name,
+            **({"fp8_modules": list(self._plugin.fp8_modules), "fp8_skipped": dict(self._plugin.skipped)}
+               if self.policy.mode_info.kind == "fp8" and self._plugin is not None else {}),
         }
 
     @property
@@ -404,6 +406,9 @@ class Engine:
         low, reductions and embeddings stay fp32); the storage format in the true modes."""
         mode = self.policy.mode_info
         compute = f"autocast:{mode.compute}" if mode.kind == "mixed" else mode.compute
+        fp8 = set(getattr(self._plugin, "fp8_modules", ()))
+        if mode.kind == "fp8":
+            compute = "autocast:bf16"
         out: dict[str, str] = {}
         for i, (model, roots) in enumerate(zip(self._models, self._fp32_roots)):
             prefix = f"model{i}." if len(self._models) > 1 else ""
@@ -416,7 +421,7 @@ class Engine:
                 full = prefix + name
                 if dynamic and (self.all_fp32 or any(full == d or full.startswith(d + ".") for d in self._dynamic)):
                     pinned = True
-                out[prefix + name] = "fp32" if pinned else compute
+                out[prefix + name] = "fp32" if pinned else "fp8_e4m3" if prefix + name in fp8 else compute
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -28,7 +28,8 @@ class Mode:
     """How a run uses formats globally.
 
     ``kind`` is ``full`` (one format everywhere), ``mixed`` (fp32 parameters, autocast to
-    ``compute``) or ``true`` (parameters stored in ``compute``, fp32 master weights).
+    ``compute``), ``true`` (parameters stored in ``compute``, fp32 master weights) or
+    ``fp8`` (fp8 matmuls in the eligible Linear layers, bf16 autocast elsewhere).
     """
 
     name: str
@@ -49,7 +50,9 @@ MODES: dict[str, Mode] = {
         Mode("bf16-mixed", "bf16", "mixed"),
         Mode("fp16-true", "fp16", "true"),
         Mode("bf16-true", "bf16", "true"),
-        # fp8-mixed joins here (kind "mixed", compute "fp8_e4m3") with the fp8 engine.
+        # fp8 matmuls (e4m3 forward, e5m2 gradients, torchao) for the Linear layers that
+        # can take them, bf16 autocast for the rest.
+        Mode("fp8-mixed", "fp8_e4m3", "fp8"),
     )
 }
 

@@ -149,9 +149,63 @@ class TruePrecision(Plugin):
         return handles
 
 
+class Fp8Precision(MixedPrecision):
+    """fp8-mixed: torchao's float8 training (e4m3 forward, e5m2 gradients, dynamic
+    per-tensor scales) for every Linear whose dimensions are multiples of 16 and that no
+    rule keeps in fp32; bf16 autocast for everything else. ``skipped`` says which Linear
+    layers stay in bf16 and why."""
+
+    supports_dynamic_islands = False
+    FP8_MULTIPLE = 16  # torch._scaled_mm needs both matmul dimensions divisible by 16
+
+    def __init__(self, mode: Mode, device: torch.device) -> None:
+        super().__init__(mode, device)
+        self.dtype = torch.bfloat16  # the autocast dtype of everything that is not fp8
+        self.fp8_modules: list[str] = []
+        self.skipped: dict[str, str] = {}
+
+    def convert_module(self, model: nn.Module, fp32_roots: list[str]) -> list[Any]:
+        convert = _torchao_float8()
+        handles = super().convert_module(model, fp32_roots)
+
+        def eligible(module: nn.Module, fqn: str) -> bool:
+            if not isinstance(module, nn.Linear):
+                return False
+            if any(fqn == r or fqn.startswith(r + ".") for r in fp32_roots):
+                return False
+            if module.in_features % self.FP8_MULTIPLE or module.out_features % self.FP8_MULTIPLE:
+                self.skipped[fqn] = (f"{module.in_features}x{module.out_features} is not a multiple of "
+                                     f"{self.FP8_MULTIPLE}: stays bf16")
+                return False
+            self.fp8_modules.append(fqn)
+            return True
+
+        convert(model, module_filter_fn=eligible)
+        return handles
+
+
+def _torchao_float8() -> Any:
+    import logging
+
+    # At import torchao announces CUDA-only kernels a CPU build cannot load, and torch a
+    # deprecation in torchao's pytree registration: neither is the user's concern.
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as exc:
+        raise UsageError(f"fp8-mixed needs torchao (pip install torchao): {exc}") from None
+    finally:
+        for lg, level in zip(quiet[1:], levels[1:]):
+            lg.setLevel(level)
+    return convert_to_float8_training
+
+
 def make_plugin(mode: Mode, device: torch.device) -> Plugin:
-    kind = {"full": FullPrecision, "mixed": MixedPrecision, "true": TruePrecision}[mode.kind]
-    return kind(mode, device)
+    kinds = {"full": FullPrecision, "mixed": MixedPrecision, "true": TruePrecision, "fp8": Fp8Precision}
+    return kinds[mode.kind](mode, device)
 
 
 def _cuda_has_tf32(device: torch.device) -> bool:
