@@ -359,15 +359,16 @@ def analyze(
     cpu_arch: str = "x86_64",
     cuda_available: bool = False,
     gpu_capability: tuple[int, int] | None = None,
-    load_average: float | None = None,
+    other_load: float | None = None,
     cpus: int | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Findings from matmul measurements (a pure function: no hardware is touched).
 
     ``matmul`` maps format name -> ``{"available", "tflops", "ratio_to_fp32", "reason", ...}``.
-    ``load_average`` (1-minute, taken before measuring), ``cpus`` and ``threads`` flag a
-    machine that other work was competing for, which makes CPU timings unreliable.
+    ``other_load`` (CPU cores other processes kept busy while the probe ran), ``cpus``
+    (cores usable here) and ``threads`` (the probe's) flag a machine that other work was
+    competing for, which makes CPU timings unreliable.
     Returns ``fast``, ``slow``, ``pitfalls``, ``lacks``, ``recommended`` and ``why``.
     """
     flags = set(cpu_flags)
@@ -424,8 +425,8 @@ def analyze(
         present = [_FLAG_LABEL[f] for f in _FORMAT_FLAGS.get(fmt, ()) if f in flags]
         missing = [_FLAG_LABEL[f] for f in _FORMAT_FLAGS.get(fmt, ()) if f not in flags]
         if r < SLOW_RATIO:
-            because = f" (no {'/'.join(missing)})" if device_type == "cpu" and x86 and \
-                missing and not present else ""
+            because = f" (no {'/'.join(missing)})" if device_type == "cpu" and x86 and flags \
+                and missing and not present else ""
             own_mode = {"bf16": "bf16-mixed", "fp16": "fp16-mixed"}.get(fmt)
             alternative = recommended if recommended != own_mode else "fp32"
             pitfalls.append(f"{label} on {where}: {_times(1 / r)} slower than fp32{because} "
@@ -438,14 +439,14 @@ def analyze(
             pitfalls.append(f"{label} runs at only {r:.2f}x fp32 here: no speed-up, it saves "
                             "memory, not time")
 
-    if load_average is not None and cpus and threads and load_average + threads > cpus + 0.5:
-        pitfalls.append(f"the machine was busy while probing (load average {load_average:.1f} "
-                        f"on {cpus} CPUs, probe used {threads} threads): timings may be off "
-                        "by a lot; re-run with refresh when it is idle")
+    if other_load is not None and cpus and threads and other_load + threads > cpus + 0.25:
+        pitfalls.append(f"the machine was busy while probing (other processes used "
+                        f"{other_load:.1f} of {cpus} CPUs; the probe ran {threads} threads): "
+                        "timings may be off by a lot; re-run with refresh when it is idle")
 
     lacks: list[str] = []
     if device_type == "cpu":
-        if x86:
+        if x86 and flags:  # no flags at all: /proc/cpuinfo unreadable, so nothing to claim
             lacks += [f for f in _CPU_FEATURES if f not in flags]
         if not cuda_available:
             lacks.append("cuda")
@@ -462,19 +463,49 @@ def analyze(
 # ------------------------------------------------------------------------------ probe
 
 
-def _load_average() -> float | None:
-    """1-minute load average (None where the OS has none)."""
+def _cpu_ticks(cpus: Iterable[int]) -> int | None:
+    """Busy clock ticks (user+nice+system+irq+softirq+steal) of ``cpus``, from /proc/stat."""
+    wanted = {f"cpu{i}" for i in cpus}
     try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
+        with open("/proc/stat", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
         return None
+    total, seen = 0, 0
+    for line in lines:
+        name, *fields = line.split()
+        if name in wanted and len(fields) >= 8:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+            total += user + nice + system + irq + softirq + steal
+            seen += 1
+    return total if seen else None
 
 
-def _usable_cpus() -> int | None:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count()
+class _OtherLoad:
+    """CPU cores that *other* processes (or the hypervisor, as steal time) kept busy
+    between ``start()`` and ``stop()``: the CPUs' busy time minus this process's."""
+
+    def __init__(self) -> None:
+        try:
+            self.cpus = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            self.cpus = list(range(os.cpu_count() or 1))
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def start(self) -> None:
+        self.t0, self.ticks0, self.own0 = time.monotonic(), _cpu_ticks(self.cpus), _own_cpu()
+
+    def stop(self) -> float | None:
+        ticks, wall = _cpu_ticks(self.cpus), time.monotonic() - self.t0
+        if ticks is None or self.ticks0 is None or wall <= 0:
+            return None
+        busy = (ticks - self.ticks0) / self.hz
+        return max(0.0, (busy - (_own_cpu() - self.own0)) / wall)
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def _settings(size: int | None, repeats: int, quick: bool) -> dict[str, Any]:
@@ -536,7 +567,8 @@ def probe(
             return cached
 
     started = time.perf_counter()
-    load = _load_average()
+    watch = _OtherLoad()
+    watch.start()
     plan = _plan(dev, None if size is None else size - size % 16, repeats, quick)
     device_ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with device_ctx, torch.no_grad():
@@ -547,6 +579,7 @@ def probe(
             share = remaining / (len(MATMUL_FORMATS) - i)
             matmul[fmt] = _measure_matmul(fmt, dev, plan, max(0.05, min(plan.budget_s, share)))
         bandwidth = _measure_bandwidth(dev, plan)
+    other_load = watch.stop()
     fp32_t = matmul["fp32"]["tflops"] if matmul["fp32"]["available"] else None
     for m in matmul.values():
         if m["available"] and fp32_t:
@@ -560,8 +593,8 @@ def probe(
         cpu_arch=platform.machine() or "unknown",
         cuda_available=torch.cuda.is_available(),
         gpu_capability=torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None,
-        load_average=load if dev.type == "cpu" else None,
-        cpus=_usable_cpus(),
+        other_load=other_load if dev.type == "cpu" else None,
+        cpus=len(watch.cpus),
         threads=env["threads"],
     )
     notes = [
@@ -577,7 +610,7 @@ def probe(
         "cache_file": None,
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": wanted,
-        "load_average": load,
+        "other_cpu_load": other_load,
         "matmul": matmul,
         **bandwidth,
         **findings,
