@@ -211,12 +211,17 @@ def test_listed_ops_are_intercepted(case):
 
 def test_sdpa_float_mask_is_not_rounded():
     qh, kh, vh = (randn(1, 1, 4, 8, seed=s) for s in (1, 2, 3))
-    mask = torch.zeros(4, 4)
+    mask = randn(4, 4, seed=4) * 0.5  # an additive bias (ALiBi-like), not matmul data
     mask[:, 2] = -1e9  # fp8_e4m3 would saturate this to -448
     with EmulatedPrecision("fp8_e4m3"):
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+        positional = F.scaled_dot_product_attention(qh, kh, vh, mask)
     q8 = lambda t: quantize(t, "fp8_e4m3")  # noqa: E731
-    assert_bitwise(out, F.scaled_dot_product_attention(q8(qh), q8(kh), q8(vh), attn_mask=mask))
+    expected = F.scaled_dot_product_attention(q8(qh), q8(kh), q8(vh), attn_mask=mask)
+    assert_bitwise(out, expected)
+    assert_bitwise(positional, expected)
+    rounded_mask = F.scaled_dot_product_attention(q8(qh), q8(kh), q8(vh), attn_mask=q8(mask))
+    assert not torch.equal(out, rounded_mask)  # the test would see a rounded mask
 
 
 def test_emulated_matmul_ops_lists_the_required_ops():

@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None, metavar="DIR",
                    help="write monitor.jsonl and train.json here (read them with `mixprec inspect DIR`)")
     t.add_argument("--tensorboard", default=None, metavar="DIR", help="write TensorBoard event files of the monitor here")
+    _add_autotune_flags(t, prefix="with --precision auto: ")
     t.add_argument("--json", default=None, metavar="FILE", help="write the mixprec.train/1 result (- for stdout)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(handler=_cmd_train)
@@ -104,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("formats", help="the number formats and their limits")
     f.add_argument("--json", default=None, metavar="FILE")
     f.set_defaults(handler=_cmd_formats)
+
+    pr = sub.add_parser("probe", help="what this machine's hardware does fast, and what it does badly")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (a few seconds)")
+    pr.add_argument("--refresh", action="store_true", help="measure again instead of using the cached result")
+    pr.add_argument("--json", default=None, metavar="FILE")
+    pr.set_defaults(handler=_cmd_probe)
+
+    a = sub.add_parser("autotune", help="pick the fastest policy whose error stays within a budget")
+    a.add_argument("task", nargs="?", default=None, metavar="TASK", help="a recipe name or package.module:function")
+    a.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE")
+    a.add_argument("--batch-size", type=_positive_int, default=None, metavar="B")
+    _add_autotune_flags(a)
+    a.add_argument("-o", "--output", default=None, metavar="POLICY.yaml", help="write the chosen policy here")
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--json", default=None, metavar="FILE")
+    a.set_defaults(handler=_cmd_autotune)
 
     i = sub.add_parser("inspect", help="a run's numerics summary and the controller's decisions")
     i.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `mixprec train --run-dir`")
@@ -121,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
 # (imported by transformers too) announcing CUDA-only kernels a CPU build cannot load, and
 # torch's deprecation notice about torchao's pytree registration.
 _QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def _add_autotune_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument("--candidates", default=None, metavar="MODE[,MODE]",
+                        help=f"{prefix}modes autotune may choose (default bf16-mixed,fp16-mixed,fp8-mixed)")
+    parser.add_argument("--budget", type=_positive_float, default=0.02, metavar="X",
+                        help=f"{prefix}tolerated relative loss error versus fp32 (default 0.02)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,12 +197,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mixprec.taskref import load_task, parse_task_args
 
     _check_json_target(args.json)
-    policy = policy_from_options(args.precision, args.keep_fp32, args.policy, args.controller)
+    auto = args.precision is not None and args.precision.strip().lower() == "auto"
+    if not auto:
+        policy = policy_from_options(args.precision, args.keep_fp32, args.policy, args.controller)
     task_args = parse_task_args(args.task_arg)
     if args.batch_size is not None:
         task_args["batch_size"] = args.batch_size
     task = load_task(args.task, task_args)
     out = sys.stderr if args.json == "-" else sys.stdout
+    if auto:
+        from mixprec.autotune import cached_autotune, render_autotune
+        from mixprec.policy import Policy, replace_mode_and_rules
+
+        doc = cached_autotune(task, args.task or "lm", task_args, device=args.device, candidates=args.candidates,
+                              budget=args.budget, log=lambda line: sys.stderr.write(f"autotune: {line}\n"))
+        out.write(render_autotune(doc) + "\n")
+        if doc.get("cached"):
+            out.write(f"(autotune result cached in {doc['cached']})\n")
+        chosen = Policy.from_dict(doc["policy"])
+        policy = replace_mode_and_rules(policy_from_options(None, args.keep_fp32, args.policy, args.controller), chosen)
+        out.write(f"precision auto -> {policy.mode}" + (f", fp32: {', '.join(map(str, policy.rules))}" if policy.rules else "") + "\n")
 
     from mixprec.progress import TrainProgress
 
@@ -235,6 +275,44 @@ def summary(result: dict[str, Any]) -> str:
     if result["status"] != "completed":
         lines.append(f"  DIVERGED: {result['diagnosis']}")
     return "\n".join(lines)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from mixprec.probe import probe, render_probe
+
+    _check_json_target(args.json)
+    doc = probe(args.device, quick=args.quick, refresh=args.refresh)
+    if args.json != "-":
+        print(render_probe(doc))
+    _write_json(args.json, doc)
+    return EXIT_OK
+
+
+def _cmd_autotune(args: argparse.Namespace) -> int:
+    from mixprec.autotune import autotune, parse_candidates, render_autotune
+    from mixprec.policy import Policy
+    from mixprec.taskref import load_task, parse_task_args
+
+    _check_json_target(args.json)
+    candidates = parse_candidates(args.candidates)
+    if args.output is not None:
+        _check_json_target(args.output)
+    task_args = parse_task_args(args.task_arg)
+    if args.batch_size is not None:
+        task_args["batch_size"] = args.batch_size
+    task = load_task(args.task, task_args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fp16 on a CPU is slow: autotune measures and says so itself
+        doc = autotune(task, candidates=candidates, budget=args.budget, seed=args.seed, device=args.device,
+                       log=lambda line: sys.stderr.write(f"autotune: {line}\n"))
+    if args.json != "-":
+        print(render_autotune(doc))
+    if args.output is not None:
+        Policy.from_dict(doc["policy"]).save(args.output)
+        if args.json != "-":
+            print(f"policy written to {args.output} (train with --policy {args.output})")
+    _write_json(args.json, doc)
+    return EXIT_OK
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

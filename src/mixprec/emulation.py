@@ -6,9 +6,11 @@ fp16/fp8 numerics by *emulation* (DESIGN.md): the inputs of every matmul-like op
 rounded to the format with :func:`mixprec.quantize.quantize` (nearest), and the op then
 runs at full speed in the inputs' own dtype (fp32). Everything else runs untouched.
 
-    >>> with EmulatedPrecision("fp16", round_outputs=True):
-    ...     loss = model(x).square().mean()
-    ...     loss.backward()
+    with EmulatedPrecision("fp16", round_outputs=True) as emu:
+        loss = model(x).square().mean()
+        loss.backward()
+    optimizer.step()
+    print(emu.intercepted)  # Counter({'torch.nn.functional.linear': 12, ...})
 
 ``EmulatedPrecision`` is a :class:`torch.overrides.TorchFunctionMode` (no torch function is
 patched). Its ``__torch_function__`` runs with the mode disabled, so the quantization and
@@ -31,10 +33,16 @@ Options
     rounded tensor (inputs, and outputs when ``round_outputs``). Without it rounding is
     straight-through: the gradient passes unchanged to the fp32 tensor.
 
+Cost (lm recipe defaults, forward + backward + AdamW, median step on the 2-core AMD EPYC,
+torch 2.13): fp32 65 ms; emulated fp16 71 ms (1.09x; 1.19x with round_outputs and
+round_grads); emulated fp8_e4m3 with round_outputs 89 ms (1.36x; torch's e4m3 cast is not
+vectorized); native fp16 autocast 2.5 s (39x). With one thread: 96 / 105 / 151 ms and
+1.13 s. Every op inside the mode passes through a Python ``__torch_function__``.
+
 Decisions
     * SDPA: only ``query``, ``key`` and ``value`` are rounded. A floating ``attn_mask`` is
-      an additive mask, not matmul data; rounding it to fp8_e4m3 would saturate ``-1e9``
-      to ``-448`` and unmask positions.
+      an additive bias, not matmul data: rounding it would perturb e.g. an ALiBi or
+      relative-position bias, and fp8_e4m3 would saturate a ``-1e9`` mask to ``-448``.
     * ``out=`` tensors are not rounded (they are written, not read).
     * Non-floating tensors (indices, boolean masks) pass through.
     * ``intercepted`` (a ``collections.Counter``) counts the emulated calls by op name,
@@ -115,7 +123,11 @@ _redispatch_function = getattr(torch.overrides, "redispatch_function", None)
 
 
 def emulated_matmul_ops() -> tuple[str, ...]:
-    """Names of the ops whose floating inputs :class:`EmulatedPrecision` rounds (sorted)."""
+    """Names of the ops whose floating inputs :class:`EmulatedPrecision` rounds (sorted).
+
+    These are also the keys of ``EmulatedPrecision.intercepted``; ``a @ b`` reaches the
+    mode as (and is counted under) ``torch.Tensor.matmul``.
+    """
     return tuple(sorted(set(_OPS.values())))
 
 

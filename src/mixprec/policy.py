@@ -85,8 +85,8 @@ def normalize_mode(text: str) -> str:
         return ALIASES[key]
     if key == "auto":
         raise UsageError(
-            "precision 'auto' needs autotune, which this version of mixprec does not have yet; "
-            f"choose one of: {', '.join(MODES)}"
+            "precision 'auto' is resolved by autotune before a policy exists: use `mixprec train --precision auto` "
+            f"or mixprec.autotune.autotune(task); or choose one of: {', '.join(MODES)}"
         )
     raise UsageError(
         f"unknown precision {text!r}; valid: {', '.join(MODES)} "
@@ -365,6 +365,11 @@ def policy_from_options(
         tokens = [t for item in items for t in item.split(",") if t.strip()]
         policy = policy.with_rules(Rule.parse(t) for t in tokens)
     return policy
+
+
+def replace_mode_and_rules(base: Policy, chosen: Policy) -> Policy:
+    """``base`` (from flags/file) with ``chosen``'s mode and its rules added (autotune's choice)."""
+    return replace(base, mode=chosen.mode, rules=base.rules + tuple(r for r in chosen.rules if r not in base.rules))
 
 
 def resolve_rules(policy: Policy, model: nn.Module) -> list[str]:

@@ -86,7 +86,7 @@ def _round_fp32_bits_nearest(x32: torch.Tensor, drop: int) -> torch.Tensor:
     bits = x32.view(torch.int32)
     half_minus_one = (1 << (drop - 1)) - 1
     lsb = (bits >> drop) & 1  # arithmetic shift; only bit 0 is kept
-    rounded = (bits + (half_minus_one + 1)) & ~((1 << drop) - 1)
+    rounded = (bits + (half_minus_one + lsb)) & ~((1 << drop) - 1)
     out = rounded.view(torch.float32)
     return torch.where(torch.isfinite(x32), out, x32)
 

@@ -198,7 +198,8 @@ def _row(name: str, module: nn.Module, run: dict[str, Any], ref: dict[str, Any],
     finite = all(math.isfinite(l) for l in losses) and bool(torch.isfinite(run["grad"]).all())
     loss_change = sum(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref_losses)) / len(ref_losses)
     g, g_ref = run["grad"], ref["grad"]
-    cosine = float(nn.functional.cosine_similarity(g.nan_to_num(), g_ref, dim=0)) if g.numel() else 1.0
+    cosine = (min(1.0, float(nn.functional.cosine_similarity(g.nan_to_num().double(), g_ref.double(), dim=0)))
+              if g.numel() else 1.0)
     sqnr = [sqnr_db(r, o) for r, o in zip(ref["outputs"], run["outputs"])]
     amax = rng.get("amax")
     return {

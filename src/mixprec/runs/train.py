@@ -201,6 +201,7 @@ def train(
         "eval": metrics,
         "loss_scale": engine.loss_scale,
         "step_time_s": statistics.median(times) if times else None,
+        "step_times_s": times,
         "wall_time_s": wall,
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
