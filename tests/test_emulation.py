@@ -14,7 +14,7 @@ from torch import nn
 
 from mixprec.emulation import EmulatedPrecision, emulated_matmul_ops
 from mixprec.errors import UsageError
-from mixprec.quantize import quantize
+from mixprec.quantization import quantize
 
 
 def q16(t):

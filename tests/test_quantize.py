@@ -16,7 +16,7 @@ import torch
 
 from mixprec.errors import UsageError
 from mixprec.formats import FORMATS, get_format
-from mixprec.quantize import ROUNDING_MODES, quantize, sqnr_db
+from mixprec.quantization import ROUNDING_MODES, quantize, sqnr_db
 
 try:
     from hypothesis import HealthCheck, given, settings

@@ -5,11 +5,12 @@ __version__ = "0.1.0"
 from mixprec.engine import Engine, StepResult
 from mixprec.errors import UsageError
 from mixprec.policy import ControllerConfig, Policy, Rule, ScalerConfig, parse_policy, policy_from_options
+from mixprec.quantization import quantize, sqnr_db
 from mixprec.runs.train import train
 from mixprec.scaler import LossScaler
 from mixprec.task import Task
 
 __all__ = [
     "ControllerConfig", "Engine", "LossScaler", "Policy", "Rule", "ScalerConfig", "StepResult",
-    "Task", "UsageError", "__version__", "parse_policy", "policy_from_options", "train",
+    "Task", "UsageError", "__version__", "parse_policy", "policy_from_options", "quantize", "sqnr_db", "train",
 ]

@@ -3,7 +3,7 @@
 On CPUs without fast fp16/fp8 kernels (this project's AMD EPYC has AVX512_BF16 but not
 AVX512_FP16, so native fp16 matmuls are tens of times slower than fp32), mixprec studies
 fp16/fp8 numerics by *emulation* (DESIGN.md): the inputs of every matmul-like op are
-rounded to the format with :func:`mixprec.quantize.quantize` (nearest), and the op then
+rounded to the format with :func:`mixprec.quantization.quantize` (nearest), and the op then
 runs at full speed in the inputs' own dtype (fp32). Everything else runs untouched.
 
     with EmulatedPrecision("fp16", round_outputs=True) as emu:
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from mixprec.formats import Format, get_format
-from mixprec.quantize import quantize
+from mixprec.quantization import quantize
 
 __all__ = ["EmulatedPrecision", "emulated_matmul_ops"]
 

@@ -173,7 +173,8 @@ class Engine:
     def _plugin_for_device(self) -> Plugin:
         if self._plugin is None:
             self._plugin = make_plugin(self.policy.mode_info, self.device)
-            if self.policy.mode_info.compute == "fp16" and self.device.type == "cpu" and not cpu_has_fast_fp16():
+            mode = self.policy.mode_info
+            if mode.compute == "fp16" and mode.kind != "emulated" and self.device.type == "cpu" and not cpu_has_fast_fp16():
                 warnings.warn(
                     "fp16 on this CPU: it has no fast fp16 kernels (no AVX512-FP16/AMX-FP16), "
                     "so fp16 matmuls run far slower than fp32; bf16-mixed is the fast format here",
@@ -409,6 +410,8 @@ class Engine:
         fp8 = set(getattr(self._plugin, "fp8_modules", ()))
         if mode.kind == "fp8":
             compute = "autocast:bf16"
+        elif mode.kind == "emulated":
+            compute = f"emulated:{mode.compute}"
         out: dict[str, str] = {}
         for i, (model, roots) in enumerate(zip(self._models, self._fp32_roots)):
             prefix = f"model{i}." if len(self._models) > 1 else ""

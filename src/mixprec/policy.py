@@ -28,8 +28,9 @@ class Mode:
     """How a run uses formats globally.
 
     ``kind`` is ``full`` (one format everywhere), ``mixed`` (fp32 parameters, autocast to
-    ``compute``), ``true`` (parameters stored in ``compute``, fp32 master weights) or
-    ``fp8`` (fp8 matmuls in the eligible Linear layers, bf16 autocast elsewhere).
+    ``compute``), ``true`` (parameters stored in ``compute``, fp32 master weights),
+    ``fp8`` (fp8 matmuls in the eligible Linear layers, bf16 autocast elsewhere) or
+    ``emulated`` (fp32 arithmetic on matmul inputs/outputs rounded to ``compute``).
     """
 
     name: str
@@ -53,6 +54,11 @@ MODES: dict[str, Mode] = {
         # fp8 matmuls (e4m3 forward, e5m2 gradients, torchao) for the Linear layers that
         # can take them, bf16 autocast for the rest.
         Mode("fp8-mixed", "fp8_e4m3", "fp8"),
+        # Software emulation: matmul inputs and outputs rounded to the format, arithmetic
+        # in fp32, to study fp16/fp8 numerics where the hardware has no fast kernels.
+        Mode("emulate:fp16-mixed", "fp16", "emulated"),
+        Mode("emulate:bf16-mixed", "bf16", "emulated"),
+        Mode("emulate:fp8-mixed", "fp8_e4m3", "emulated"),
     )
 }
 

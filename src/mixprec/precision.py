@@ -203,8 +203,48 @@ def _torchao_float8() -> Any:
     return convert_to_float8_training
 
 
+class EmulatedMixedPrecision(MixedPrecision):
+    """``emulate:<fmt>-mixed``: fp32 parameters and arithmetic; the inputs and outputs of
+    matmul-like ops rounded to the format (:class:`mixprec.emulation.EmulatedPrecision`),
+    so fp16 or fp8 numerics (overflow, underflow, rounding) show up on hardware without
+    fast kernels for them. fp16 also rounds the gradients flowing into those ops, so
+    gradient underflow (and the loss scaler's cure) is emulated too; fp8 does not, because
+    fp8 training scales gradients per tensor (e5m2) rather than by a loss scale. fp32 rules
+    pause the emulation inside their modules."""
+
+    def __init__(self, mode: Mode, device: torch.device) -> None:
+        super().__init__(mode, device)
+        from mixprec.emulation import EmulatedPrecision
+
+        class _Pausable(EmulatedPrecision):
+            paused = 0
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if self.paused:
+                    return func(*args, **(kwargs or {}))
+                return super().__torch_function__(func, types, args, kwargs)
+
+        self.dtype = torch.float32
+        self.emulation = _Pausable(mode.compute, round_outputs=True, round_grads=mode.compute == "fp16")
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.all_fp32 else self.emulation
+
+    def island(self, module: nn.Module) -> list[Any]:
+        emulation = self.emulation
+
+        def pre(mod: nn.Module, args: Any) -> None:
+            emulation.paused += 1
+
+        def post(mod: nn.Module, args: Any, output: Any) -> None:
+            emulation.paused = max(0, emulation.paused - 1)
+
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
+
+
 def make_plugin(mode: Mode, device: torch.device) -> Plugin:
-    kinds = {"full": FullPrecision, "mixed": MixedPrecision, "true": TruePrecision, "fp8": Fp8Precision}
+    kinds = {"full": FullPrecision, "mixed": MixedPrecision, "true": TruePrecision, "fp8": Fp8Precision,
+             "emulated": EmulatedMixedPrecision}
     return kinds[mode.kind](mode, device)
 
 

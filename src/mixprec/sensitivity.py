@@ -28,7 +28,7 @@ from mixprec.environment import cpu_has_fast_bf16, cpu_has_fast_fp16, environmen
 from mixprec.errors import UsageError
 from mixprec.formats import get_format
 from mixprec.monitor import Monitor
-from mixprec.quantize import quantize, sqnr_db
+from mixprec.quantization import quantize, sqnr_db
 from mixprec.task import Task
 
 SENSITIVITY_SCHEMA = "mixprec.sensitivity/1"

@@ -241,9 +241,9 @@ def check_options(policy: Policy, every: int | None, formats: list[str] | None, 
     from mixprec.formats import get_format
 
     wants_controller = policy.controller.name != "static"
-    if wants_controller and policy.mode_info.kind != "mixed":
+    if wants_controller and policy.mode_info.kind not in ("mixed", "emulated"):
         raise UsageError(f"controller {policy.controller.name!r} changes precision per module during training, "
-                         f"which needs fp16-mixed or bf16-mixed; this run is {policy.mode!r}")
+                         f"which needs fp16-mixed or bf16-mixed (or their emulate: forms); this run is {policy.mode!r}")
     if every == 0 and (wants_controller or run_dir is not None or tensorboard is not None):
         what = "the controller" if wants_controller else "--run-dir/--tensorboard"
         raise UsageError(f"monitor_every 0 turns the monitor off, but {what} needs it; give N >= 1")
