@@ -25,7 +25,8 @@ from mixprec.policy import (
     resolve_rules,
 )
 
-ALL_MODES = ["fp32", "tf32", "fp16-mixed", "bf16-mixed", "fp16-true", "bf16-true", "fp8-mixed"]
+ALL_MODES = ["fp32", "tf32", "fp16-mixed", "bf16-mixed", "fp16-true", "bf16-true", "fp8-mixed",
+             "emulate:fp16-mixed", "emulate:bf16-mixed", "emulate:fp8-mixed"]
 
 
 
@@ -50,7 +51,8 @@ def test_mode_facts():
     assert Policy("bf16-true").mode_info.kind == "true" and Policy("bf16-true").mode_info.compute == "bf16"
     assert Policy("fp32").mode_info.kind == "full"
     # Loss scaling is on exactly for fp16 compute, unless the scaler config says otherwise.
-    assert [Policy(m).loss_scaling for m in ALL_MODES] == [False, False, True, False, True, False, False]
+    assert [Policy(m).loss_scaling for m in ALL_MODES] == [False, False, True, False, True, False, False,
+                                                           True, False, False]
     assert Policy("bf16-mixed", scaler=ScalerConfig(enabled=True)).loss_scaling is True
     assert Policy("fp16-mixed", scaler=ScalerConfig(enabled=False)).loss_scaling is False
 

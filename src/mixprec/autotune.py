@@ -84,7 +84,8 @@ def autotune(task: Task, *, candidates: list[str] | str | None = None, budget: f
         entry = doc_probe["matmul"].get(_PROBE_FORMAT[mode], {})
         row["probe_ratio"] = entry.get("ratio_to_fp32")
         if not entry.get("available"):
-            row["why"] = f"the hardware cannot run {_PROBE_FORMAT[mode]} here: {entry.get('reason')}"
+            row["why"] = (f"the hardware cannot run {_PROBE_FORMAT[mode]} here: {entry.get('reason')}; "
+                          f"study its numerics with --precision emulate:{mode}")
             continue
         if (row["probe_ratio"] or 0) < probe_mod.SLOW_RATIO and len(modes) > 1:
             row["why"] = (f"{_PROBE_FORMAT[mode]} matmuls run at {row['probe_ratio']:.2g}x fp32 here (probe): "
