@@ -250,7 +250,6 @@ POLICY_FILES = {
 # (id, arguments after `mixprec train`, substrings the one-line message must hold)
 BAD_INPUT = [
     ("unknown-precision", ["--precision", "fp12"], ["'fp12'", "bf16-mixed", "fp16-mixed"]),
-    ("auto-precision", ["--precision", "auto"], ["auto", "bf16-mixed"]),
     ("unknown-task", ["nosuch"], ["'nosuch'", "lm"]),
     ("task-module-not-importable", ["nosuchmod:task"], ["nosuchmod", "import"]),
     ("task-no-such-function", ["user_tasks_mp:nope"], ["'nope'", "tiny_task"]),

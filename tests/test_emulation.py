@@ -1,18 +1,22 @@
 """EmulatedPrecision: matmul-like ops see inputs rounded to the format, bit for bit what
 quantize-then-op computes outside the mode; nothing else changes; overflow appears where
-native fp16 autocast overflows; round_grads rounds gradients; real models go through it.
+native fp16 autocast overflows; round_grads rounds gradients; real models go through it;
+dtype propagation (tensors a rounded op produced are marked low precision and the ops
+consuming them are rounded too, following autocast's dtype rules).
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixprec.emulation import EmulatedPrecision, emulated_matmul_ops
+from mixprec.emulation import AUTOCAST_FP32_OPS, EmulatedPrecision, emulated_matmul_ops
 from mixprec.errors import UsageError
 from mixprec.quantization import quantize
 
@@ -112,6 +116,274 @@ def test_fp16_overflow_matches_native_autocast():
     torch.testing.assert_close(emulated[finite], native[finite].float(), rtol=2e-3, atol=0)
     with EmulatedPrecision("fp16"):  # without round_outputs the fp32 result stays finite
         assert torch.isfinite(lin(x)).all()
+
+
+# --------------------------------------------------------------------------- propagation
+
+
+def _amplified_linear(seed: int = 0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(16, 16)
+    x = randn(64, 16, seed=seed + 1)
+    return lin, x
+
+
+def test_propagated_overflow_matches_native_autocast():
+    # linear(x) * 2e5: native autocast multiplies the fp16 *tensor* in fp16 -> inf where
+    # |linear(x)| > 65504 / 2e5; emulation must give inf at exactly those elements.
+    lin, x = _amplified_linear()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.float16):
+            native = lin(x) * 2e5
+        with EmulatedPrecision("fp16", round_outputs=True) as mode:
+            emulated = lin(x) * 2e5
+    assert native.dtype == torch.float16 and emulated.dtype == torch.float32
+    assert mode.propagate and mode.is_marked(emulated)
+    inf = torch.isinf(native)
+    assert 0.2 < inf.float().mean().item() < 0.8  # both kinds of element are there
+    assert torch.equal(torch.isinf(emulated), inf)
+    assert torch.equal(torch.isneginf(emulated), torch.isneginf(native))
+    assert_bitwise(emulated[~inf], native[~inf].float())
+    assert_bitwise(q16(emulated), emulated)
+
+
+def test_propagate_false_restores_the_old_behaviour():
+    lin, x = _amplified_linear()
+    with torch.no_grad():
+        with EmulatedPrecision("fp16", round_outputs=True, propagate=False) as mode:
+            y = lin(x)
+            amplified = y * 2e5
+    assert not mode.propagate and not mode.is_marked(y)
+    assert torch.isfinite(amplified).all()  # the old, missed overflow
+    assert_bitwise(amplified, y * 2e5)
+    assert_bitwise(y, q16(F.linear(q16(x), q16(lin.weight), q16(lin.bias))))
+    assert repr(mode) == ("EmulatedPrecision('fp16', round_outputs=True, round_grads=False, "
+                          "propagate=False)")
+
+
+def test_propagate_defaults_to_round_outputs_and_needs_it():
+    assert EmulatedPrecision("fp16", round_outputs=True).propagate
+    assert not EmulatedPrecision("fp16").propagate
+    with pytest.raises(UsageError, match="round_outputs"):
+        EmulatedPrecision("fp16", propagate=True)
+    a = randn(4, 4)
+    with EmulatedPrecision("fp16") as mode:  # no round_outputs: nothing is marked
+        y = a @ a
+        assert torch.isfinite(y * 1e6).all() and not mode.is_marked(y)
+
+
+def test_unmarked_fp32_operand_promotes_to_fp32():
+    a, b = randn(8, 8, seed=1), randn(8, 8, seed=2)
+    other = torch.full((8, 8), 1.0 + 2**-20)  # unrepresentable in fp16
+    big = torch.full((8, 8), 1e6)
+    with EmulatedPrecision("fp16", round_outputs=True) as mode:
+        y = a @ b
+        summed = y + other
+        product = y * big
+        scaled = y * 3.3  # a Python scalar does not count: fp16
+        zero_dim = y * torch.tensor(3.3)  # a 0-dim fp32 tensor neither (torch's promotion)
+    assert mode.is_marked(y) and not mode.is_marked(summed) and not mode.is_marked(product)
+    assert_bitwise(summed, y + other)  # fp16 + fp32 -> fp32: not rounded
+    assert not torch.equal(summed, q16(summed))
+    assert torch.isfinite(product).all()  # computed in fp32: no overflow
+    assert mode.is_marked(scaled) and mode.is_marked(zero_dim)
+    assert_bitwise(scaled, q16(y * 3.3))
+    assert_bitwise(zero_dim, q16(y * torch.tensor(3.3)))
+
+
+def test_chains_of_marked_ops_are_rounded_at_each_step():
+    a = randn(8, 8, seed=3)
+    with EmulatedPrecision("fp16", round_outputs=True) as mode:
+        y = a @ a
+        z = F.gelu(y) * 1.001 + y / 3
+    ref_y = q16(q16(a) @ q16(a))
+    expected = q16(q16(q16(F.gelu(ref_y)) * 1.001) + q16(ref_y / 3))
+    assert_bitwise(z, expected)
+    assert mode.is_marked(z)
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax", "layer_norm", "group_norm", "cross_entropy",
+                                "mse_loss", "exp", "sum", "cumsum", "norm"])
+def test_autocast_fp32_ops_give_unmarked_unrounded_outputs(op):
+    a = randn(4, 8, seed=4)
+    target = torch.zeros(4, dtype=torch.long)
+    run = {
+        "softmax": lambda t: F.softmax(t, -1),
+        "log_softmax": lambda t: t.log_softmax(-1),
+        "layer_norm": lambda t: F.layer_norm(t, (8,)),
+        "group_norm": lambda t: F.group_norm(t, 2),
+        "cross_entropy": lambda t: F.cross_entropy(t, target),
+        "mse_loss": lambda t: F.mse_loss(t, t * 0.5),
+        "exp": lambda t: t.exp(),
+        "sum": lambda t: t.sum(-1),
+        "cumsum": lambda t: torch.cumsum(t, 0),
+        "norm": lambda t: t.norm(dim=-1),
+    }[op]
+    with EmulatedPrecision("fp16", round_outputs=True) as mode:
+        y = a @ torch.eye(8)
+        out = run(y)
+    assert mode.is_marked(y)
+    assert not mode.is_marked(out)
+    assert_bitwise(out, run(q16(a)))  # in fp32, from the fp16 values: not rounded
+    assert not torch.equal(out, q16(out))
+
+
+def test_softmax_and_layer_norm_of_a_marked_tensor_are_unmarked():
+    a = randn(4, 8, seed=5)
+    ln = nn.LayerNorm(4)
+    with EmulatedPrecision("fp16", round_outputs=True) as mode:
+        y = a @ a.t()
+        s, n1, n2 = y.softmax(-1), ln(y), F.layer_norm(y, (4,))
+        # downstream of them everything is fp32 again: no overflow from the product
+        big = s * 1e9
+    assert mode.is_marked(y)
+    assert not any(mode.is_marked(t) for t in (s, n1, n2, big))
+    assert torch.isfinite(big).all()
+    assert "softmax" in " ".join(AUTOCAST_FP32_OPS) and "torch.nn.functional.layer_norm" in AUTOCAST_FP32_OPS
+
+
+def test_explicit_casts_and_dtype_arguments_unmark():
+    a = randn(4, 8, seed=6)
+    with EmulatedPrecision("fp16", round_outputs=True) as mode:
+        y = a @ torch.eye(8)
+        as_float = y.float()
+        as_to = y.to(torch.float32)
+        on_device = y.to("cpu")
+        with_dtype = y.mean(-1, dtype=torch.float32)  # mean is not on the fp32 list
+        without = y.mean(-1)
+        amplified = as_float * 1e6
+    assert as_float is not y and not mode.is_marked(as_float) and not mode.is_marked(as_to)
+    assert as_float.data_ptr() == y.data_ptr()  # an alias, no copy
+    assert on_device is y and mode.is_marked(on_device)  # no dtype asked: stays fp16
+    assert not mode.is_marked(with_dtype) and mode.is_marked(without)
+    assert torch.isfinite(amplified).all() and not mode.is_marked(amplified)
+
+
+def test_views_and_value_preserving_ops_stay_marked_without_copies():
+    a = randn(4, 6, seed=7)
+    with EmulatedPrecision("fp16", round_outputs=True) as mode:
+        y = a @ torch.eye(6)
+        views = [y.view(24), y.t(), y[1:], y.transpose(0, 1), y.T, *y.split(3, dim=1), y.detach()]
+        copies = [y.clone(), y.t().contiguous(), torch.cat([y, y]), y.abs(), F.relu(y), y.amax(-1),
+                  y.max(dim=-1).values]
+    assert all(mode.is_marked(t) for t in views + copies)
+    storage = y.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == storage for t in views)  # no copies
+
+
+def test_in_place_ops_on_marked_tensors_are_rounded():
+    a = randn(4, 8, seed=8)
+    fp32 = torch.full((4, 8), 1.0 + 2**-20)
+    with EmulatedPrecision("fp16", round_outputs=True) as mode:
+        y = a @ torch.eye(8)
+        ref = y.clone()
+        y.mul_(2e5)
+        z = ref.clone()
+        z += fp32  # fp16 += fp32 stays fp16 (in place keeps the dtype)
+        w = ref.clone()
+        w[0] = 1e6
+        plain = fp32.clone()
+        plain.mul_(ref)  # an unmarked tensor stays fp32
+    assert mode.is_marked(y) and torch.isinf(y).any()
+    assert torch.equal(torch.isinf(y), torch.isinf(q16(ref * 2e5)))
+    assert_bitwise(z, q16(ref + fp32))
+    assert torch.isinf(w[0]).all()
+    assert_bitwise(plain, fp32 * ref) and not mode.is_marked(plain)
+
+
+def test_marks_are_identity_based_and_weak():
+    a = randn(4, 4, seed=9)
+    mode = EmulatedPrecision("fp16", round_outputs=True)
+    with mode:
+        y = a @ a
+    twin = y.clone()  # equal values, another tensor
+    assert mode.is_marked(y) and not mode.is_marked(twin) and not mode.is_marked(a)
+    assert isinstance(mode._marks, weakref.WeakValueDictionary)
+    n = len(mode._marks)
+    del y
+    gc.collect()
+    assert len(mode._marks) == n - 1
+    with mode:  # marks outlive the block, as an fp16 tensor stays fp16
+        z = a @ a
+    with mode:
+        assert mode.is_marked(z * 2)
+
+
+def test_propagated_rounding_is_differentiable():
+    x = torch.ones(2, 4, requires_grad=True)
+    w = torch.eye(4, requires_grad=True)
+    c = 1.0 + 2**-12  # not representable in fp16
+    for round_grads, expected in ((False, c * c), (True, 1.0)):
+        x.grad = None
+        with EmulatedPrecision("fp16", round_outputs=True, round_grads=round_grads) as mode:
+            y = F.linear(x, w)
+            z = y * c  # marked: rounded (differentiably)
+            assert mode.is_marked(z) and z.requires_grad
+            (z * c).sum().backward()  # z * c is rounded too; its grad is c
+        # straight through: d/dx = c * c; with round_grads each step rounds: q(c) == 1
+        torch.testing.assert_close(x.grad, torch.full((2, 4), expected), rtol=0, atol=0)
+
+
+def test_in_place_rounding_keeps_the_graph():
+    x = torch.ones(2, 4, requires_grad=True)
+    with EmulatedPrecision("fp16", round_outputs=True) as mode:
+        y = F.linear(x, torch.eye(4))
+        y.mul_(3.0)
+        assert mode.is_marked(y)
+        y.sum().backward()
+    assert torch.equal(x.grad, torch.full((2, 4), 3.0))
+
+
+@pytest.mark.parametrize("round_grads", [False, True])
+def test_in_place_ops_that_save_their_result_still_backpropagate(round_grads):
+    # sigmoid_ and relu_ save their result for backward: rounding it in place must not trip
+    # autograd's modified-in-place check, and backward must see the rounded result.
+    x = randn(4, 8, seed=10).requires_grad_()
+    c = 1.0 + 2**-12
+    with EmulatedPrecision("fp16", round_outputs=True, round_grads=round_grads) as mode:
+        y = F.linear(x, torch.eye(8))
+        s = y.sigmoid_()
+        r = (s - 0.5).relu_()
+        (r * c).sum().backward()
+    assert s is y and mode.is_marked(s) and mode.is_marked(r)
+    assert_bitwise(s.detach(), q16(torch.sigmoid(q16(x.detach()))))
+    sd = s.detach()
+    g = (sd > 0.5).float() * (c if not round_grads else 1.0)
+    g = g if not round_grads else q16(g)
+    expected = g * sd * (1 - sd)
+    expected = q16(expected) if round_grads else expected
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
+
+
+def test_propagation_in_a_real_model_matches_native_dtypes():
+    # Which outputs native autocast keeps in fp16 is which outputs the emulation marks.
+    from mixprec.recipes.lm import lm
+
+    task = lm(n_layer=1, d_model=32, n_head=2, seq_len=16, batch_size=2)
+    torch.manual_seed(0)
+    model = task.build_model()
+    batch = next(task.train_batches(0))
+    names = ["blocks.0.attn.qkv", "blocks.0.attn", "blocks.0.mlp.gelu", "blocks.0.mlp", "blocks.0.ln1",
+             "blocks.0", "ln_f", "lm_head"]
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: seen.__setitem__(n, o)) for n in names]
+    try:
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.float16):
+                model(batch[0])
+            native = {n: t.dtype == torch.float16 for n, t in seen.items()}
+            with EmulatedPrecision("fp16", round_outputs=True) as mode:
+                model(batch[0])
+                emulated = {n: mode.is_marked(t) for n, t in seen.items()}
+    finally:
+        for h in hooks:
+            h.remove()
+    assert native["blocks.0.mlp.gelu"] and native["lm_head"] and not native["blocks.0"]
+    # layer norms: fp16 under CPU autocast, fp32 under CUDA's (what emulation follows)
+    assert ({n: v for n, v in native.items() if "ln" not in n}
+            == {n: v for n, v in emulated.items() if "ln" not in n})
+    assert not emulated["blocks.0.ln1"] and not emulated["ln_f"]
 
 
 # --------------------------------------------------------------------------- gradients
