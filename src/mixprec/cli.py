@@ -209,8 +209,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from mixprec.autotune import cached_autotune, render_autotune
         from mixprec.policy import Policy, replace_mode_and_rules
 
-        doc = cached_autotune(task, args.task or "lm", task_args, device=args.device, candidates=args.candidates,
-                              budget=args.budget, log=lambda line: sys.stderr.write(f"autotune: {line}\n"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fp16 on a CPU is slow: autotune measures and says so itself
+            doc = cached_autotune(task, args.task or "lm", task_args, device=args.device, candidates=args.candidates,
+                                  budget=args.budget, log=lambda line: sys.stderr.write(f"autotune: {line}\n"))
         out.write(render_autotune(doc) + "\n")
         if doc.get("cached"):
             out.write(f"(autotune result cached in {doc['cached']})\n")
