@@ -81,6 +81,7 @@ import torch
 from torch import nn
 
 from mixprec.errors import UsageError
+from mixprec.jsonio import json_safe
 from mixprec.formats import Format, get_format
 
 __all__ = [
@@ -636,12 +637,12 @@ class Monitor:
         return {
             "schema": MONITOR_SCHEMA,
             "step": step,
-            "loss_scale": _clean(float(loss_scale)),
+            "loss_scale": json_safe(float(loss_scale)),
             "formats": self._plan.names,
             "every": self.every,
             "modules": modules,
             "params": params,
-            **_clean(extra),
+            **json_safe(extra),
         }
 
 
@@ -678,7 +679,7 @@ def _module_entry(slot: _ForwardSlot, rows: list[tuple[_Call, list[float], list[
             "overflow": _frac(over, n_fin),
         }
     entry["formats"] = formats
-    return _clean(entry)
+    return json_safe(entry)
 
 
 def _param_entry(slot: _GradSlot, row: list[float], plan: _Plan) -> dict:
@@ -700,18 +701,7 @@ def _param_entry(slot: _GradSlot, row: list[float], plan: _Plan) -> dict:
         "nonfinite": int(nonfinite),
         "formats": formats,
     }
-    return _clean(entry)
-
-
-def _clean(obj: Any) -> Any:
-    """``obj`` with non-finite floats turned into None, so the JSON is strict."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
+    return json_safe(entry)
 
 
 # --------------------------------------------------------------------------- localization
@@ -798,7 +788,7 @@ class JsonlWriter:
             raise UsageError(f"cannot write monitor records to {str(self.path)!r}: {exc.strerror or exc}") from None
 
     def write(self, record: dict) -> None:
-        line = json.dumps(_clean(record), allow_nan=False)  # fails before anything is written
+        line = json.dumps(json_safe(record), allow_nan=False)  # fails before anything is written
         self._file.write(line + "\n")
         self._file.flush()
 
