@@ -106,6 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", default=None, metavar="FILE")
     f.set_defaults(handler=_cmd_formats)
 
+    v = sub.add_parser("verify", help="verify a precision against an fp32 reference, with a verdict")
+    v.add_argument("task", nargs="?", default=None, metavar="TASK", help="a recipe name or package.module:function")
+    v.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--batch-size", type=_positive_int, default=None, metavar="B")
+    v.add_argument("--precision", required=True, metavar="P", help="the candidate precision")
+    v.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN[,PATTERN]")
+    v.add_argument("--policy", default=None, metavar="FILE", help="the candidate's policy file")
+    v.add_argument("--controller", default=None, choices=CONTROLLERS)
+    v.add_argument("--reference", default="fp32", metavar="P", help="the reference precision (default fp32)")
+    v.add_argument("--steps", type=_positive_int, default=60, metavar="N")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--noise-floor", action="store_true",
+                   help="also run the reference under seed+1 and judge relative to fp32's own drift")
+    v.add_argument("--loss-tolerance", type=_positive_float, default=0.02, metavar="X")
+    v.add_argument("--metric-tolerance", type=_positive_float, default=0.02, metavar="X")
+    v.add_argument("--noise-multiple", type=_positive_float, default=3.0, metavar="K")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--report", default=None, metavar="DIR", help="write report.json and report.md here")
+    v.add_argument("--force", action="store_true", help="write --report into a directory that holds other files")
+    v.add_argument("--json", default=None, metavar="FILE")
+    v.set_defaults(handler=_cmd_verify)
+
     pr = sub.add_parser("probe", help="what this machine's hardware does fast, and what it does badly")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (a few seconds)")
@@ -277,6 +299,53 @@ def summary(result: dict[str, Any]) -> str:
     if result["status"] != "completed":
         lines.append(f"  DIVERGED: {result['diagnosis']}")
     return "\n".join(lines)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from mixprec.policy import parse_policy, policy_from_options
+    from mixprec.runs.verify import render_markdown, render_verify, verify
+    from mixprec.taskref import load_task, parse_task_args
+
+    _check_json_target(args.json)
+    candidate = policy_from_options(args.precision, args.keep_fp32, args.policy, args.controller)
+    reference = parse_policy(args.reference)
+    report_dir = _prepare_report_dir(args.report, args.force) if args.report else None
+    task_args = parse_task_args(args.task_arg)
+    if args.batch_size is not None:
+        task_args["batch_size"] = args.batch_size
+    task = load_task(args.task, task_args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda m, *a, **k: sys.stderr.write(f"mixprec: warning: {m}\n")
+        doc = verify(task, candidate, reference=reference, steps=args.steps, seed=args.seed,
+                     noise_floor=args.noise_floor, loss_tolerance=args.loss_tolerance,
+                     metric_tolerance=args.metric_tolerance, noise_multiple=args.noise_multiple, device=args.device)
+    if report_dir is not None:
+        jsonio.write_atomic(report_dir / "report.json", jsonio.dumps(doc))
+        jsonio.write_atomic(report_dir / "report.md", render_markdown(doc))
+    _write_json(args.json, doc)
+    out = sys.stderr if args.json == "-" else sys.stdout
+    out.write(render_verify(doc) + "\n")
+    if report_dir is not None:
+        out.write(f"report: {report_dir / 'report.md'}\n")
+    return EXIT_OK if doc["verdict"] == "PASS" else EXIT_FAILED
+
+
+def _prepare_report_dir(path: str, force: bool) -> Path:
+    """A report dir is new, empty, or an earlier mixprec report; anything else needs --force."""
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"--report {path!r} is a file, not a directory")
+    if directory.is_dir():
+        others = sorted(p.name for p in directory.iterdir() if p.name not in ("report.json", "report.md", "report.html"))
+        if others and not force:
+            raise UsageError(f"--report {path!r} holds other files ({', '.join(others[:3])}); choose a new directory "
+                             "or pass --force")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--report {path!r} cannot be created: {exc.strerror or exc}") from None
+    return directory
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:

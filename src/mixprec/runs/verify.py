@@ -1,0 +1,224 @@
+"""Training verification: a candidate policy against an fp32 reference, with a verdict.
+
+Both runs start from the same initial weights and see the same batches in the same order
+(``train`` seeds the model and the data stream from ``seed``). Compared: the loss curves
+step by step, the final loss (mean over the last fifth of the steps), the final weights
+per module (relative divergence), and every ``evaluate`` metric. With ``noise_floor`` a
+third run, the reference under ``seed + 1`` (other initial weights, other data order),
+measures how far two fp32 runs drift apart anyway, and the verdict is relative to it:
+the candidate passes when its final-loss difference is within ``noise_multiple`` times
+fp32's own (and its metrics within that multiple of fp32's metric drift, or the absolute
+tolerance, whichever is larger). Without it, the absolute tolerances apply. A candidate
+that diverges fails, with the monitor's diagnosis.
+
+Not yet here (issue 5 continues): per-module gradient cosine over steps, peak memory per
+run (one process has one peak RSS), inference verification and the HTML report.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixprec import checkpoint
+from mixprec.environment import environment
+from mixprec.errors import UsageError
+from mixprec.policy import Policy, parse_policy
+from mixprec.runs.train import train
+from mixprec.task import Task
+
+VERIFY_SCHEMA = "mixprec.verify/1"
+MIN_STEPS = 10  # fewer steps leave no tail to compare
+DEFAULT_LOSS_TOLERANCE = 0.02  # relative difference of the final loss
+DEFAULT_METRIC_TOLERANCE = 0.02  # relative difference of each evaluate() metric
+DEFAULT_NOISE_MULTIPLE = 3.0
+
+
+def verify(task: Task, candidate: Policy | str, *, reference: Policy | str = "fp32", steps: int = 60, seed: int = 0,
+           noise_floor: bool = False, loss_tolerance: float = DEFAULT_LOSS_TOLERANCE,
+           metric_tolerance: float = DEFAULT_METRIC_TOLERANCE, noise_multiple: float = DEFAULT_NOISE_MULTIPLE,
+           device: str = "cpu", **train_kwargs: Any) -> dict[str, Any]:
+    """Run ``task`` under ``reference`` and ``candidate``; return a ``mixprec.verify/1`` document."""
+    cand_policy, ref_policy = parse_policy(candidate), parse_policy(reference)
+    if cand_policy == ref_policy:
+        raise UsageError(f"the candidate equals the reference ({ref_policy.mode}): nothing to verify; "
+                         "give another --precision or --reference")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < MIN_STEPS:
+        raise UsageError(f"verify needs steps >= {MIN_STEPS} to compare the end of the loss curves, got {steps!r}")
+    for name, value in (("loss_tolerance", loss_tolerance), ("metric_tolerance", metric_tolerance),
+                        ("noise_multiple", noise_multiple)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UsageError(f"{name} must be a number > 0, got {value!r}")
+
+    with tempfile.TemporaryDirectory(prefix="mixprec-verify-") as tmp:
+        runs = {"reference": _run(task, ref_policy, steps, seed, device, Path(tmp) / "ref", train_kwargs),
+                "candidate": _run(task, cand_policy, steps, seed, device, Path(tmp) / "cand", train_kwargs)}
+        if noise_floor:
+            runs["noise"] = _run(task, ref_policy, steps, seed + 1, device, Path(tmp) / "noise", train_kwargs)
+        ref, cand = runs["reference"], runs["candidate"]
+        comparison = _compare(ref, cand)
+        noise = _compare(ref, runs["noise"]) if noise_floor else None
+
+    verdict, reasons = _verdict(cand["result"], comparison, noise, loss_tolerance, metric_tolerance, noise_multiple)
+    r, c = ref["result"], cand["result"]
+    return {
+        "schema": VERIFY_SCHEMA,
+        "task": task.name,
+        "reference": r["policy"],
+        "candidate": c["policy"],
+        "steps": steps,
+        "seed": seed,
+        "verdict": verdict,
+        "reasons": reasons,
+        "tolerances": {"loss": loss_tolerance, "metric": metric_tolerance, "noise_multiple": noise_multiple,
+                       "mode": "noise_floor" if noise_floor else "absolute"},
+        "losses": {"reference": r["losses"], "candidate": c["losses"]},
+        "comparison": comparison,
+        "noise_floor": noise,
+        "speed": {"reference_step_s": r["step_time_s"], "candidate_step_s": c["step_time_s"],
+                  "speedup": (r["step_time_s"] / c["step_time_s"]) if r["step_time_s"] and c["step_time_s"] else None},
+        "candidate_run": {k: c.get(k) for k in ("status", "diagnosis", "skipped_steps", "localizations", "decisions",
+                                                "loss_scales")},
+        "environment": environment(device),
+    }
+
+
+def _run(task: Task, policy: Policy, steps: int, seed: int, device: str, directory: Path,
+         kwargs: dict[str, Any]) -> dict[str, Any]:
+    result = train(task, policy, steps=steps, seed=seed, device=device, checkpoint_dir=directory, **kwargs)
+    state = checkpoint.load(directory / checkpoint.CHECKPOINT_NAME)
+    return {"result": result, "model": state["model"]}
+
+
+def _tail_mean(losses: list[float | None]) -> float | None:
+    tail = [l for l in losses[-max(3, len(losses) // 5):] if l is not None and math.isfinite(l)]
+    return statistics.mean(tail) if tail else None
+
+
+def _rel(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _compare(ref: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    r, o = ref["result"], other["result"]
+    per_step = []
+    for a, b in zip(o["losses"], r["losses"]):
+        ok = a is not None and b is not None and math.isfinite(a) and math.isfinite(b)
+        per_step.append({"abs": abs(a - b) if ok else None, "rel": _rel(a, b)})
+    metrics = {k: {"reference": v, "other": o["eval"].get(k), "rel": _rel(o["eval"].get(k), v)}
+               for k, v in r["eval"].items()}
+    return {
+        "final_loss": {"reference": _tail_mean(r["losses"]), "other": _tail_mean(o["losses"]),
+                       "rel": _rel(_tail_mean(o["losses"]), _tail_mean(r["losses"]))},
+        "max_step_rel": max((s["rel"] for s in per_step if s["rel"] is not None), default=None),
+        "per_step": per_step,
+        "metrics": metrics,
+        "weights": _weight_divergence(ref["model"], other["model"]),
+    }
+
+
+def _weight_divergence(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """Relative L2 distance per module (parameters grouped by their module's name)."""
+    groups: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, t in a.items():
+        if name in b and t.is_floating_point():
+            groups.setdefault(name.rpartition(".")[0] or name, []).append((t.double(), b[name].double()))
+    out = {}
+    for module, pairs in groups.items():
+        num = sum(float((y - x).square().sum()) for x, y in pairs)
+        den = sum(float(x.square().sum()) for x, _ in pairs)
+        value = math.sqrt(num / den) if den > 0 else None
+        out[module] = value if value is None or math.isfinite(value) else None
+    return out
+
+
+def _verdict(cand: dict[str, Any], comp: dict[str, Any], noise: dict[str, Any] | None, loss_tol: float,
+             metric_tol: float, multiple: float) -> tuple[str, list[str]]:
+    if cand["status"] != "completed":
+        return "FAIL", [f"the candidate diverged: {cand['diagnosis']}"]
+    reasons, failed = [], False
+    diff = comp["final_loss"]["rel"]
+    if noise is not None and noise["final_loss"]["rel"] is not None:
+        floor = noise["final_loss"]["rel"]
+        limit = max(multiple * floor, 1e-6)
+        basis = f"{multiple:g}x fp32's seed-to-seed difference {floor:.2%}"
+    else:
+        limit, basis = loss_tol, "the absolute tolerance"
+    if diff is None:
+        failed = True
+        reasons.append("the candidate's final loss is not finite")
+    else:
+        failed |= diff > limit
+        reasons.append(f"final loss differs by {diff:.2%} from the reference "
+                       f"({'within' if diff <= limit else 'beyond'} {limit:.2%}, {basis})")
+    for name, m in comp["metrics"].items():
+        m_limit = metric_tol
+        if noise is not None and noise["metrics"].get(name, {}).get("rel") is not None:
+            m_limit = max(metric_tol, multiple * noise["metrics"][name]["rel"])
+        if m["rel"] is None:
+            failed = True
+            reasons.append(f"metric {name}: not finite in the candidate")
+        else:
+            failed |= m["rel"] > m_limit
+            reasons.append(f"metric {name}: {m['other']:.4g} vs {m['reference']:.4g} ({m['rel']:.2%}, "
+                           f"{'within' if m['rel'] <= m_limit else 'beyond'} {m_limit:.2%})")
+    if not comp["metrics"]:
+        reasons.append("the task has no evaluate(): metrics not compared")
+    skipped = len(cand["skipped_steps"])
+    if skipped:
+        reasons.append(f"{skipped} skipped steps in the candidate")
+    return ("FAIL" if failed else "PASS"), reasons
+
+
+def render_verify(doc: dict[str, Any]) -> str:
+    c = doc["comparison"]
+    lines = [f"verify {doc['task']}: {doc['candidate']['mode']} against {doc['reference']['mode']}, "
+             f"{doc['steps']} steps, seed {doc['seed']} -> {doc['verdict']}"]
+    lines += [f"  - {r}" for r in doc["reasons"]]
+    fl = c["final_loss"]
+    if fl["reference"] is not None and fl["other"] is not None:
+        lines.append(f"  final loss {fl['other']:.4f} vs {fl['reference']:.4f}; largest per-step difference "
+                     + (f"{c['max_step_rel']:.2%}" if c["max_step_rel"] is not None else "n/a"))
+    if doc["noise_floor"] is not None:
+        nf = doc["noise_floor"]["final_loss"]["rel"]
+        lines.append(f"  noise floor (fp32, seed {doc['seed'] + 1}): final loss differs by "
+                     + (f"{nf:.2%}" if nf is not None else "n/a"))
+    worst = sorted(((v, k) for k, v in c["weights"].items() if v is not None), reverse=True)[:3]
+    if worst:
+        lines.append("  largest weight divergence: " + ", ".join(f"{k} {v:.2e}" for v, k in worst))
+    sp = doc["speed"]["speedup"]
+    if sp is not None:
+        lines.append(f"  step time {doc['speed']['candidate_step_s'] * 1e3:.1f} ms vs "
+                     f"{doc['speed']['reference_step_s'] * 1e3:.1f} ms ({sp:.2f}x; separate runs, one process)")
+    return "\n".join(lines)
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """The verify report as Markdown (terminal, PRs)."""
+    lines = [f"# mixprec verify: {doc['verdict']}", "",
+             f"Task `{doc['task']}`: `{doc['candidate']['mode']}` against `{doc['reference']['mode']}`, "
+             f"{doc['steps']} steps, seed {doc['seed']}; tolerances: {doc['tolerances']['mode']} "
+             f"(loss {doc['tolerances']['loss']:g}, metrics {doc['tolerances']['metric']:g}, noise multiple "
+             f"{doc['tolerances']['noise_multiple']:g}).", ""]
+    lines += [f"- {r}" for r in doc["reasons"]]
+    lines += ["", "| metric | reference | candidate | relative difference |", "| --- | ---: | ---: | ---: |"]
+    fl = doc["comparison"]["final_loss"]
+    lines.append(f"| final loss (last fifth) | {_fmt(fl['reference'])} | {_fmt(fl['other'])} | {_pct(fl['rel'])} |")
+    for name, m in doc["comparison"]["metrics"].items():
+        lines.append(f"| {name} | {_fmt(m['reference'])} | {_fmt(m['other'])} | {_pct(m['rel'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2%}"
