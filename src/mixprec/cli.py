@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("task", nargs="?", default=None, metavar="TASK", help="a recipe name or package.module:function")
     v.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE")
     v.add_argument("--batch-size", type=_positive_int, default=None, metavar="B")
-    v.add_argument("--precision", required=True, metavar="P", help="the candidate precision")
+    v.add_argument("--precision", required=True, metavar="P",
+                   help="the candidate precision (with --inference: a comma-separated list)")
+    v.add_argument("--inference", action="store_true",
+                   help="compare the model's outputs per precision against fp32 instead of training runs")
     v.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN[,PATTERN]")
     v.add_argument("--policy", default=None, metavar="FILE", help="the candidate's policy file")
     v.add_argument("--controller", default=None, choices=CONTROLLERS)
@@ -307,6 +310,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from mixprec.taskref import load_task, parse_task_args
 
     _check_json_target(args.json)
+    if args.inference:
+        return _verify_inference(args)
     candidate = policy_from_options(args.precision, args.keep_fp32, args.policy, args.controller)
     reference = parse_policy(args.reference)
     report_dir = _prepare_report_dir(args.report, args.force) if args.report else None
@@ -329,6 +334,24 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if report_dir is not None:
         out.write(f"report: {report_dir / 'report.md'}\n")
     return EXIT_OK if doc["verdict"] == "PASS" else EXIT_FAILED
+
+
+def _verify_inference(args: argparse.Namespace) -> int:
+    from mixprec.policy import policy_from_options
+    from mixprec.runs.inference import render_inference, verify_inference
+    from mixprec.taskref import load_task, parse_task_args
+
+    policies = [policy_from_options(p, args.keep_fp32) for p in _split(args.precision) or []]
+    task_args = parse_task_args(args.task_arg)
+    if args.batch_size is not None:
+        task_args["batch_size"] = args.batch_size
+    task = load_task(args.task, task_args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fp16 on a CPU is slow; inference verification measures numerics
+        doc = verify_inference(task, policies, steps=args.steps, seed=args.seed, device=args.device)
+    _write_json(args.json, doc)
+    (sys.stderr if args.json == "-" else sys.stdout).write(render_inference(doc) + "\n")
+    return EXIT_OK if all(r["finite"] for r in doc["precisions"]) else EXIT_FAILED
 
 
 def _prepare_report_dir(path: str, force: bool) -> Path:
