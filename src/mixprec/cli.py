@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--metric-tolerance", type=_positive_float, default=0.02, metavar="X")
     v.add_argument("--noise-multiple", type=_positive_float, default=3.0, metavar="K")
     v.add_argument("--device", default="cpu")
-    v.add_argument("--report", default=None, metavar="DIR", help="write report.json and report.md here")
+    v.add_argument("--report", default=None, metavar="DIR", help="write report.json, report.md and report.html here")
     v.add_argument("--force", action="store_true", help="write --report into a directory that holds other files")
     v.add_argument("--json", default=None, metavar="FILE")
     v.set_defaults(handler=_cmd_verify)
@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--json", default=None, metavar="FILE")
     a.set_defaults(handler=_cmd_autotune)
+
+    rp = sub.add_parser("report", help="re-render a verify report's HTML and Markdown from its report.json")
+    rp.add_argument("report_dir", metavar="DIR")
+    rp.set_defaults(handler=_cmd_report)
 
     i = sub.add_parser("inspect", help="a run's numerics summary and the controller's decisions")
     i.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `mixprec train --run-dir`")
@@ -306,7 +310,7 @@ def summary(result: dict[str, Any]) -> str:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from mixprec.policy import parse_policy, policy_from_options
-    from mixprec.runs.verify import render_markdown, render_verify, verify
+    from mixprec.runs.verify import render_verify, verify
     from mixprec.taskref import load_task, parse_task_args
 
     _check_json_target(args.json)
@@ -326,13 +330,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                      noise_floor=args.noise_floor, loss_tolerance=args.loss_tolerance,
                      metric_tolerance=args.metric_tolerance, noise_multiple=args.noise_multiple, device=args.device)
     if report_dir is not None:
-        jsonio.write_atomic(report_dir / "report.json", jsonio.dumps(doc))
-        jsonio.write_atomic(report_dir / "report.md", render_markdown(doc))
+        from mixprec.report import write_report
+
+        write_report(doc, report_dir)
     _write_json(args.json, doc)
     out = sys.stderr if args.json == "-" else sys.stdout
     out.write(render_verify(doc) + "\n")
     if report_dir is not None:
-        out.write(f"report: {report_dir / 'report.md'}\n")
+        out.write(f"report: {report_dir / 'report.html'} (and report.md, report.json)\n")
     return EXIT_OK if doc["verdict"] == "PASS" else EXIT_FAILED
 
 
@@ -369,6 +374,14 @@ def _prepare_report_dir(path: str, force: bool) -> Path:
     except OSError as exc:
         raise UsageError(f"--report {path!r} cannot be created: {exc.strerror or exc}") from None
     return directory
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mixprec.report import rerender
+
+    paths = rerender(args.report_dir)
+    print(f"re-rendered {paths['html']} and {paths['md']}")
+    return EXIT_OK
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:

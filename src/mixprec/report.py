@@ -452,7 +452,7 @@ def _loss_section(doc: dict[str, Any]) -> str:
                "difference; the shaded band is how far two fp32 runs with another seed drift apart anyway.")
     else:
         cap = ("Top: the loss of both runs (same initial weights, same batches). Bottom: their per-step absolute "
-               "difference. fp32 noise floor: not measured (run verify with --noise-floor).")
+               "difference. fp32 noise floor: not measured (run verify with <code>--noise-floor</code>).")
     return f"<section><h2>Loss curves</h2>{_img(b64, 'loss curves', cap)}</section>"
 
 
