@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mixprec train lm --precision bf16-mixed --steps 60 --json demo.json
+	$(BIN)/mixprec demo --json demo.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -27,4 +27,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py --json benchmarks/overhead.json
 
 clean:
-	rm -rf $(VENV) demo.json
+	rm -rf $(VENV) demo.json mixprec-demo

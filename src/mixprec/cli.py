@@ -67,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
+    d = sub.add_parser("demo", help="the main job: probe, autotune and verify the default recipe against fp32; one table")
+    d.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                   help="verify steps (default 100, 12 with --quick; at least 10)")
+    d.add_argument("--quick", action="store_true", help="a tiny lm, the quick probe and short runs (seconds)")
+    d.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the lm recipe (repeatable; with --quick, over the tiny config)")
+    d.add_argument("--batch-size", type=_positive_int, default=None, metavar="B")
+    d.add_argument("--report", default="mixprec-demo", metavar="DIR",
+                   help="write report.json, report.md, report.html and demo.json here (default mixprec-demo)")
+    d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    d.add_argument("--json", default=None, metavar="FILE", help="write the mixprec.demo/1 document (- for stdout)")
+    d.set_defaults(handler=_cmd_demo)
+
     t = sub.add_parser("train", help="train a task under a precision policy")
     t.add_argument("task", nargs="?", default=None, metavar="TASK",
                    help="a recipe name (see `mixprec recipes`; default lm) or package.module:function returning a mixprec.Task")
@@ -220,6 +233,25 @@ def _write_json(target: str | None, document: dict[str, Any]) -> None:
 
 
 # -- commands -----------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mixprec.demo import render_demo, run_demo
+    from mixprec.taskref import parse_task_args
+
+    _check_json_target(args.json)
+    task_args = parse_task_args(args.task_arg)
+    if args.batch_size is not None:
+        task_args["batch_size"] = args.batch_size
+    out = sys.stderr if args.json == "-" else sys.stdout
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fp16 on this CPU")  # autotune measures fp16 and says so itself
+        warnings.showwarning = lambda m, *a, **k: sys.stderr.write(f"mixprec: warning: {m}\n")
+        doc = run_demo(steps=args.steps, quick=args.quick, report_dir=args.report, task_args=task_args or None,
+                       device=args.device, log=lambda line: sys.stderr.write(f"demo: {line}\n"))
+    _write_json(args.json, doc)
+    out.write(render_demo(doc) + "\n")
+    return EXIT_OK if doc["verdict"] == "PASS" else EXIT_FAILED
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mixprec.policy import policy_from_options
     from mixprec.runs.train import train

@@ -130,8 +130,11 @@ def run_demo(*, steps: int | None = None, quick: bool = False, report_dir: str |
     say(f"probe: recommends {doc_probe['recommended']}: {doc_probe['why']}"
         + (" [cached]" if doc_probe.get("cached") else ""))
 
-    # 2. autotune
+    # 2. autotune (and how busy other processes kept the machine meanwhile: CPU timings
+    # taken while other work competes for the cores are not to be trusted)
     t0 = time.perf_counter()
+    watch = probe_mod._OtherLoad()
+    watch.start()
     tuned = autotune_mod.autotune(task, candidates=list(CANDIDATES), budget=BUDGET, timing_steps=timing_steps,
                                   confirm_steps=confirm_steps, sensitivity_batches=sensitivity_batches,
                                   device=str(dev), probe_doc=doc_probe, log=lambda line: say(f"autotune: {line}"))
@@ -143,6 +146,12 @@ def run_demo(*, steps: int | None = None, quick: bool = False, report_dir: str |
     t0 = time.perf_counter()
     speed = _speed(task, tuned, candidate, timing_steps, str(dev), say)
     durations["speed_s"] = time.perf_counter() - t0
+    other = watch.stop() if dev.type == "cpu" else None
+    threads = torch.get_num_threads()
+    speed["other_cpu_load"] = other
+    speed["busy"] = bool(other is not None and other + threads > len(watch.cpus) + 0.25)
+    if speed["busy"]:
+        say(f"speed: other processes used {other:.1f} of {len(watch.cpus)} CPUs while timing: the speed-up is unreliable")
 
     # memory, measured from the tensors of one step in each mode
     t0 = time.perf_counter()
@@ -368,6 +377,8 @@ def _accuracy(v: dict[str, Any]) -> dict[str, Any]:
 def _summary(chosen: dict[str, Any], speed: dict[str, Any], verdict: str) -> str:
     mode, sp = chosen["verified"], speed["speedup"]
     faster = f"{sp:.2f}x fp32's speed" if sp is not None else "speed not measured"
+    if speed.get("busy"):
+        faster += ", measured on a busy machine"
     if verdict != "PASS":
         return f"{mode} ({faster}) does not match fp32 over this run: train in fp32"
     if chosen["source"] == "autotune":
@@ -438,7 +449,10 @@ def _ms(s: float | None) -> str:
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
-    return "n/a" if x is None else f"{x:+.2%}" if signed else f"{x:.2%}"
+    if x is None:
+        return "n/a"
+    digits = 3 if 0 < abs(x) < 1e-4 else 2  # -0.001%, not -0.00%
+    return f"{x:+.{digits}%}" if signed else f"{x:.{digits}%}"
 
 
 def _num(x: float | None) -> str:
@@ -466,8 +480,11 @@ def render_demo(doc: dict[str, Any]) -> str:
                      f"{ratios[fmt]:.2f}x ({fmt} raw matmul; a whole step gains less)"])
     sp = speed["speedup"]
     rows.append(["step time (interleaved)", _ms(speed["reference_step_s"]), _ms(speed["candidate_step_s"]),
-                 "-" if sp is None else f"{sp:.2f}x {'faster' if sp >= 1 else 'the speed'} "
-                 f"(median of {speed['rounds']} rounds, same batches)"])
+                 "-" if sp is None else f"{sp:.2f}x {'faster' if sp >= 1 else 'fp32, slower'} "
+                 f"(median of {speed['rounds']} interleaved rounds, same batches)"])
+    if speed.get("busy"):
+        rows.append(["", "", "", f"(machine busy: other processes used {speed['other_cpu_load']:.1f} CPUs while "
+                                 "timing; the speed-up is unreliable, run again when idle)"])
     rows.append(["weights+grads+optimizer", _mib(ref_m["state_bytes"]), _mib(cand_m["state_bytes"]),
                  f"{ref_m['state_bytes_per_parameter']:.1f} vs {cand_m['state_bytes_per_parameter']:.1f} B/param"
                  + (": mixed keeps fp32 weights, no saving" if mode.endswith("-mixed") else "")])
