@@ -378,7 +378,7 @@ def _summary_section(doc: dict[str, Any]) -> str:
     sp = _num(speed.get("speedup"))
     speed_text = "not measured" if sp is None else (
         f"<b>{sp:.2f}x</b> (candidate {_ms(speed.get('candidate_step_s'))} vs reference "
-        f"{_ms(speed.get('reference_step_s'))} per step, median; separate runs in one process)")
+        f"{_ms(speed.get('reference_step_s'))} per step; {_e(speed.get('method') or 'separate runs in one process')})")
     kv = [
         row("task", f"<code>{_e(doc.get('task', '?'))}</code>"),
         row("candidate", f"<code>{_e(_mode(doc.get('candidate')))}</code>" + _policy_extra(doc.get("candidate"))),
