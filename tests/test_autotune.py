@@ -10,7 +10,7 @@ import pytest
 import mixprec
 from mixprec.autotune import autotune, keep_list, parse_candidates, render_autotune
 from mixprec.recipes.lm import lm
-from mixprec.sensitivity import render_sensitivity, sensitivity
+from mixprec.sensitivity_analysis import render_sensitivity, sensitivity
 from tasks.planted import overflow_task
 
 pytestmark = pytest.mark.filterwarnings("ignore:fp16 on this CPU")

@@ -34,7 +34,7 @@ from mixprec.errors import UsageError
 from mixprec.jsonio import dumps, write_atomic
 from mixprec.policy import Policy, Rule, normalize_mode
 from mixprec.runs.train import train
-from mixprec.sensitivity import sensitivity
+from mixprec.sensitivity_analysis import sensitivity
 from mixprec.task import Task
 
 AUTOTUNE_SCHEMA = "mixprec.autotune/1"

@@ -87,7 +87,7 @@ def verify(task: Task, candidate: Policy | str, *, reference: Policy | str = "fp
         "noise_floor": noise,
         "speed": _speed(task, ref_policy, cand_policy, c, seed, device, timing_steps),
         "candidate_run": {k: c.get(k) for k in ("status", "diagnosis", "skipped_steps", "localizations", "decisions",
-                                                "loss_scales")},
+                                                "loss_scales", "monitor")},
         "environment": environment(device),
     }
 
