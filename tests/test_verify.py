@@ -45,6 +45,18 @@ def test_same_arithmetic_gives_zero_difference():
     assert doc["comparison"]["final_loss"]["rel"] == 0.0
     assert doc["comparison"]["max_step_rel"] == 0.0
     assert all(v == 0.0 for v in doc["comparison"]["weights"].values())
+    grads = doc["comparison"]["gradients"]
+    assert all(v == 0.0 for row in grads["rel_norm_diff"] for v in row)  # the very same gradients
+    assert grads["min_cosine"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_gradient_agreement_is_sampled_per_module():
+    doc = verify(lm(**TINY), "bf16-mixed", steps=20)
+    grads = doc["comparison"]["gradients"]
+    assert grads["steps"][0] == 1 and grads["steps"][-1] == 20 and len(grads["steps"]) == 11
+    assert {"lm_head", "blocks.0.attn.qkv", "tok_emb"} <= set(grads["modules"])
+    assert all(len(row) == len(grads["steps"]) for row in grads["cosine"])
+    assert 0.99 < grads["min_cosine"] < 1.0  # bf16 rounds: close to fp32's gradients, not equal
 
 
 def test_absolute_tolerance_can_fail():

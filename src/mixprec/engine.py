@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -111,6 +111,11 @@ class Engine:
         self._window_losses: list[torch.Tensor] = []
         self.steps = 0  # optimizer steps attempted (stepped + skipped)
         self.skipped_steps = 0
+        # Called at each optimizer step as grad_observer(step, {param name: gradient}), the
+        # gradients unscaled and not yet clipped. For verification; it costs a pass over
+        # the gradients, so training leaves it None.
+        self.grad_observer: Callable[[int, dict[str, torch.Tensor]], None] | None = None
+        self._param_names: dict[int, str] = {}
 
     # -- set-up -----------------------------------------------------------------------
     @property
@@ -146,6 +151,11 @@ class Engine:
             for p in model.parameters():
                 if p.is_floating_point() and id(p) not in fp32_params and id(p) not in masters:
                     masters[id(p)] = nn.Parameter(p.detach().clone().float(), requires_grad=p.requires_grad)
+        prefix = f"model{len(self._models)}." if self._models else ""
+        for name, p in model.named_parameters():
+            self._param_names[id(p)] = prefix + name
+            if id(p) in masters:
+                self._param_names[id(masters[id(p)])] = prefix + name
         self._hooks += plugin.convert_module(model, roots)
         self._fp32_roots.append(roots)
         self._models.append(model)
@@ -233,6 +243,9 @@ class Engine:
                 if p.grad.is_sparse and p.grad.dtype == torch.float16:
                     p.grad = p.grad.coalesce()  # as GradScaler: duplicates could overflow once summed
             found = self.scaler.unscale_([p.grad for p in params])
+            if self.grad_observer is not None:
+                self.grad_observer(self.steps + 1, {self._param_names.get(id(p), f"param{i}"): p.grad
+                                                    for i, p in enumerate(params)})
             norm = self._grad_norm(params)  # clips each optimizer's own gradients
             if found is None:  # no loss scaling: the norm is the finite check
                 found = torch.zeros(1, device=self.device) if norm is None else ~norm.isfinite()

@@ -505,6 +505,41 @@ def _weights_section(doc: dict[str, Any]) -> str:
     return f"<section><h2>Weight divergence</h2>{body}</section>"
 
 
+def _plot_gradient_heatmap(grads: dict[str, Any]) -> str | None:
+    """Modules x sampled steps, colour = 1 - cosine of the two runs' gradients (log scale)."""
+    steps, modules, cosine = _list(grads.get("steps")), _list(grads.get("modules")), _list(grads.get("cosine"))
+    if not steps or not modules or len(cosine) != len(modules):
+        return None
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    rows = modules[:MAX_BARS]
+    data = np.array([[np.nan if _num(v) is None else max(1.0 - float(v), 1e-9) for v in row]
+                     for row in cosine[:MAX_BARS]], dtype=float)
+    fig = _figure(8.0, min(max(2.4, 0.22 * len(rows) + 1.2), 11.0))
+    ax = fig.subplots()
+    finite = data[np.isfinite(data)]
+    norm = LogNorm(vmin=max(float(finite.min()), 1e-9), vmax=max(float(finite.max()), 1e-8)) if finite.size else None
+    im = ax.imshow(data, aspect="auto", cmap="magma_r", norm=norm, interpolation="nearest")
+    ax.set_yticks(range(len(rows)), [_plain(m) for m in rows], fontsize=7)
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
+    ax.set_xlabel("step")
+    fig.colorbar(im, ax=ax, label="1 - gradient cosine (candidate vs reference)")
+    return _png(fig)
+
+
+def _gradients_section(doc: dict[str, Any]) -> str:
+    grads = _dict(_dict(doc.get("comparison")).get("gradients"))
+    b64 = _plot_gradient_heatmap(grads)
+    if b64 is None:
+        return "<section><h2>Gradient agreement</h2><p class=note>per-module gradients: not measured</p></section>"
+    worst = _num(grads.get("min_cosine"))
+    cap = ("Per module (rows) and sampled step (columns): 1 minus the cosine similarity of the candidate's and the "
+           "reference's unscaled, unclipped gradients; darker is worse, blank is non-finite."
+           + (f" Lowest cosine: {worst:.6f}." if worst is not None else ""))
+    return f"<section><h2>Gradient agreement</h2>{_img(b64, 'gradient cosine heatmap', cap)}</section>"
+
+
 def _monitor_summary(doc: dict[str, Any]) -> dict[str, Any] | None:
     for source in (doc.get("monitor_summary"), _dict(doc.get("candidate_run")).get("monitor")):
         if not isinstance(source, dict):
@@ -612,7 +647,7 @@ def render_html(doc: dict[str, Any]) -> str:
     title = f"mixprec verify: {verdict} \u2014 {doc.get('task', '?')}"
     body = "".join([
         _verdict_section(doc), _summary_section(doc), _loss_section(doc), _scale_section(doc),
-        _weights_section(doc), _monitor_section(doc), _decisions_section(doc), _localizations_section(doc),
+        _gradients_section(doc), _weights_section(doc), _monitor_section(doc), _decisions_section(doc), _localizations_section(doc),
         _footer(doc),
     ])
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -61,6 +61,7 @@ def train(
     run_dir: str | Path | None = None,
     tensorboard: str | Path | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
+    grad_observer: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``task`` under ``policy``; return the ``mixprec.train/1`` result document.
 
@@ -94,6 +95,7 @@ def train(
     optimizer = task.build_optimizer(model)
     engine = Engine(policy, accumulate=accumulate, clip_grad_norm=clip_grad_norm, device=device)
     engine.setup(model, optimizer)
+    engine.grad_observer = grad_observer  # verify compares gradients through it
     numerics = RunNumerics(task, model, engine, policy, every=monitor_every, formats=monitor_formats,
                            run_dir=run_dir, tensorboard=tensorboard)
 

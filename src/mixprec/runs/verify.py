@@ -11,8 +11,10 @@ fp32's own (and its metrics within that multiple of fp32's metric drift, or the 
 tolerance, whichever is larger). Without it, the absolute tolerances apply. A candidate
 that diverges fails, with the monitor's diagnosis.
 
-Not yet here: per-module gradient cosine over steps, and peak memory per run (one process
-has one peak RSS). Inference verification is :mod:`mixprec.runs.inference`; the HTML
+Gradients: at ``GRADIENT_SNAPSHOTS`` evenly spaced steps the engine hands both runs'
+unscaled, unclipped gradients to an observer; per module, the cosine similarity and the
+relative norm difference are reported (``comparison.gradients``). Not here: peak memory per
+run (one process has one peak RSS; the demo counts tensor bytes instead). Inference verification is :mod:`mixprec.runs.inference`; the HTML
 report :mod:`mixprec.report`.
 """
 
@@ -92,11 +94,25 @@ def verify(task: Task, candidate: Policy | str, *, reference: Policy | str = "fp
     }
 
 
+GRADIENT_SNAPSHOTS = 10  # steps at which per-module gradients are compared
+
+
 def _run(task: Task, policy: Policy, steps: int, seed: int, device: str, directory: Path,
          kwargs: dict[str, Any]) -> dict[str, Any]:
-    result = train(task, policy, steps=steps, seed=seed, device=device, checkpoint_dir=directory, **kwargs)
+    every = max(1, steps // GRADIENT_SNAPSHOTS)
+    grads: dict[int, dict[str, torch.Tensor]] = {}
+
+    def observe(step: int, named: dict[str, torch.Tensor]) -> None:
+        if step == 1 or step % every == 0:
+            per_module: dict[str, list[torch.Tensor]] = {}
+            for name, g in named.items():
+                per_module.setdefault(name.rpartition(".")[0] or name, []).append(g.detach().float().flatten().cpu())
+            grads[step] = {m: torch.cat(parts) for m, parts in per_module.items()}
+
+    result = train(task, policy, steps=steps, seed=seed, device=device, checkpoint_dir=directory,
+                   grad_observer=observe, **kwargs)
     state = checkpoint.load(directory / checkpoint.CHECKPOINT_NAME)
-    return {"result": result, "model": state["model"]}
+    return {"result": result, "model": state["model"], "grads": grads}
 
 
 def _speed(task: Task, ref: Policy, cand: Policy, cand_result: dict[str, Any], seed: int, device: str,
@@ -137,7 +153,29 @@ def _compare(ref: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
         "per_step": per_step,
         "metrics": metrics,
         "weights": _weight_divergence(ref["model"], other["model"]),
+        "gradients": _gradient_agreement(ref["grads"], other["grads"]),
     }
+
+
+def _gradient_agreement(ref: dict[int, dict[str, torch.Tensor]], other: dict[int, dict[str, torch.Tensor]]
+                        ) -> dict[str, Any]:
+    """Per module and sampled step: cosine similarity of the two runs' (unscaled, unclipped)
+    gradients and their relative norm difference |‖g‖ - ‖g_ref‖| / ‖g_ref‖."""
+    steps = sorted(set(ref) & set(other))
+    modules = [m for m in (ref[steps[0]] if steps else {}) if all(m in other[s] for s in steps)]
+    cosine, rel_norm = [], []
+    for m in modules:
+        row_c, row_n = [], []
+        for s in steps:
+            a, b = ref[s][m].double(), other[s][m].double()
+            ok = bool(torch.isfinite(b).all()) and float(a.norm()) > 0
+            row_c.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) if ok else None)
+            row_n.append(abs(float(b.norm()) - float(a.norm())) / float(a.norm()) if ok else None)
+        cosine.append(row_c)
+        rel_norm.append(row_n)
+    worst = [min((v for v in row if v is not None), default=None) for row in cosine]
+    return {"steps": steps, "modules": modules, "cosine": cosine, "rel_norm_diff": rel_norm,
+            "min_cosine": min((w for w in worst if w is not None), default=None)}
 
 
 def _weight_divergence(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float | None]:
@@ -206,6 +244,9 @@ def render_verify(doc: dict[str, Any]) -> str:
         nf = doc["noise_floor"]["final_loss"]["rel"]
         lines.append(f"  noise floor (fp32, seed {doc['seed'] + 1}): final loss differs by "
                      + (f"{nf:.2%}" if nf is not None else "n/a"))
+    g = c.get("gradients") or {}
+    if g.get("min_cosine") is not None:
+        lines.append(f"  gradients: lowest per-module cosine {g['min_cosine']:.5f} over {len(g['steps'])} sampled steps")
     worst = sorted(((v, k) for k, v in c["weights"].items() if v is not None), reverse=True)[:3]
     if worst:
         lines.append("  largest weight divergence: " + ", ".join(f"{k} {v:.2e}" for v, k in worst))
