@@ -52,6 +52,9 @@ def test_same_arithmetic_gives_zero_difference():
 
 def test_gradient_agreement_is_sampled_per_module():
     doc = verify(lm(**TINY), "bf16-mixed", steps=20)
+    mem = doc["memory"]
+    assert mem["state_ratio"] == 1.0  # mixed precision keeps fp32 weights, grads, optimizer state
+    assert 0.3 < mem["activation_ratio"] < 1.0  # bf16 activations are saved for backward
     grads = doc["comparison"]["gradients"]
     assert grads["steps"][0] == 1 and grads["steps"][-1] == 20 and len(grads["steps"]) == 11
     assert {"lm_head", "blocks.0.attn.qkv", "tok_emb"} <= set(grads["modules"])

@@ -67,7 +67,7 @@ import torch
 from mixprec import autotune as autotune_mod
 from mixprec import jsonio
 from mixprec import probe as probe_mod
-from mixprec.engine import Engine
+from mixprec.memory import measure_memory
 from mixprec.environment import environment, resolve_device
 from mixprec.errors import UsageError
 from mixprec.policy import Policy, Rule
@@ -253,97 +253,6 @@ def _speed(task: Task, tuned: dict[str, Any], policy: Policy, timing_steps: int,
 
 
 # -- memory -------------------------------------------------------------------------------
-def _storage_bytes(t: torch.Tensor, seen: dict[Any, int]) -> None:
-    """Record the storage(s) behind ``t`` in ``seen`` (key -> bytes), each once."""
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-        try:  # a wrapper subclass (torchao's Float8 tensors): count the tensors inside
-            names, _ = flatten()
-            for name in names:
-                _storage_bytes(getattr(t, name), seen)
-            return
-        except Exception:  # noqa: BLE001 - fall back to the logical size
-            seen[("tensor", id(t))] = t.numel() * t.element_size()
-            return
-    try:
-        storage = t.untyped_storage()
-        seen[(t.device.type, storage.data_ptr())] = storage.nbytes()
-    except (RuntimeError, NotImplementedError):
-        seen[("tensor", id(t))] = t.numel() * t.element_size()
-
-
-def _nbytes(tensors: list[torch.Tensor]) -> int:
-    seen: dict[Any, int] = {}
-    for t in tensors:
-        _storage_bytes(t, seen)
-    return sum(seen.values())
-
-
-def measure_memory(task: Task, policy: Policy | str, *, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
-    """Bytes of one training step of ``task`` under ``policy``, counted from the tensors.
-
-    ``state``: parameters, gradients (after backward), optimizer state (after the first
-    step) and master weights (true modes); ``activations``: tensors saved for backward in
-    one forward pass (each storage once, parameters excluded). On CUDA also
-    ``cuda_peak_bytes``, the allocator's peak over the step.
-    """
-    dev = resolve_device(device)
-    torch.manual_seed(seed)
-    model = task.build_model().to(dev)
-    optimizer = task.build_optimizer(model)
-    engine = Engine(policy, device=dev)
-    engine.setup(model, optimizer)
-    params = list({id(p): p for p in model.parameters()}.values())
-    param_keys: dict[Any, int] = {}
-    for p in params:
-        _storage_bytes(p, param_keys)
-    batch = next(task.train_batches(seed))
-
-    saved: dict[Any, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        _storage_bytes(t, saved)
-        return t
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with engine.autocast():
-            loss = task.loss(model, batch)
-    engine.backward(loss)
-    grads = _nbytes([p.grad for p in params if p.grad is not None])
-    result = engine.step()
-    cuda_peak = None
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        cuda_peak = int(torch.cuda.max_memory_allocated(dev) - before)
-    weights = sum(param_keys.values())
-    optim_state = _nbytes([v for state in optimizer.state.values() for v in state.values()
-                           if isinstance(v, torch.Tensor)])
-    masters = _nbytes([m for slot in engine.state_dict()["masters"] for m in slot])
-    activations = sum(b for k, b in saved.items() if k not in param_keys)
-    n_params = sum(p.numel() for p in params)
-    state = weights + grads + optim_state + masters
-    first = batch[0] if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor) else batch
-    return {
-        "mode": engine.effective_policy()["mode"],
-        "parameters": n_params,
-        "weights_bytes": weights,
-        "grads_bytes": grads,
-        "optimizer_state_bytes": optim_state,
-        "master_weights_bytes": masters,
-        "state_bytes": state,
-        "state_bytes_per_parameter": state / n_params if n_params else None,
-        "activation_bytes": activations,
-        "batch_shape": list(first.shape) if isinstance(first, torch.Tensor) else None,
-        "cuda_peak_bytes": cuda_peak,
-        "step": "skipped" if result.skipped else "stepped",
-    }
-
-
 # -- accuracy -----------------------------------------------------------------------------
 def _signed(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):

@@ -528,6 +528,38 @@ def _plot_gradient_heatmap(grads: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
+def _plot_memory(memory: dict[str, Any]) -> str | None:
+    ref, cand = _dict(memory.get("reference")), _dict(memory.get("candidate"))
+    keys = [("state_bytes", "training state"), ("activation_bytes", "activations saved for backward")]
+    if not all(_num(ref.get(k)) is not None and _num(cand.get(k)) is not None for k, _ in keys):
+        return None
+    fig = _figure(8.0, 2.4)
+    ax = fig.subplots()
+    ys = list(range(len(keys)))
+    h = 0.38
+    ax.barh([y - h / 2 for y in ys], [ref[k] / 2**20 for k, _ in keys], height=h, color=_REF_COLOR,
+            label=f"reference ({_plain(ref.get('mode', 'fp32'))})")
+    ax.barh([y + h / 2 for y in ys], [cand[k] / 2**20 for k, _ in keys], height=h, color=_CAND_COLOR,
+            label=f"candidate ({_plain(cand.get('mode', '?'))})")
+    ax.set_yticks(ys, [label for _, label in keys])
+    ax.invert_yaxis()
+    ax.set_xlabel("MiB (tensor bytes of one training step)")
+    ax.legend(loc="lower right", fontsize=8)
+    _style_axes(ax)
+    return _png(fig)
+
+
+def _memory_section(doc: dict[str, Any]) -> str:
+    memory = _dict(doc.get("memory"))
+    b64 = _plot_memory(memory)
+    if b64 is None:
+        return "<section><h2>Memory</h2><p class=note>memory: not measured</p></section>"
+    cap = (f"Activations saved for backward: {_fmt(memory.get('activation_ratio'), 3)}x the reference's; training "
+           f"state (weights, gradients, optimizer state, master weights): {_fmt(memory.get('state_ratio'), 3)}x. "
+           "Counted from the tensors of one step, not the process's peak.")
+    return f"<section><h2>Memory</h2>{_img(b64, 'memory per run', cap)}</section>"
+
+
 def _gradients_section(doc: dict[str, Any]) -> str:
     grads = _dict(_dict(doc.get("comparison")).get("gradients"))
     b64 = _plot_gradient_heatmap(grads)
@@ -647,7 +679,7 @@ def render_html(doc: dict[str, Any]) -> str:
     title = f"mixprec verify: {verdict} \u2014 {doc.get('task', '?')}"
     body = "".join([
         _verdict_section(doc), _summary_section(doc), _loss_section(doc), _scale_section(doc),
-        _gradients_section(doc), _weights_section(doc), _monitor_section(doc), _decisions_section(doc), _localizations_section(doc),
+        _memory_section(doc), _gradients_section(doc), _weights_section(doc), _monitor_section(doc), _decisions_section(doc), _localizations_section(doc),
         _footer(doc),
     ])
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -13,8 +13,9 @@ that diverges fails, with the monitor's diagnosis.
 
 Gradients: at ``GRADIENT_SNAPSHOTS`` evenly spaced steps the engine hands both runs'
 unscaled, unclipped gradients to an observer; per module, the cosine similarity and the
-relative norm difference are reported (``comparison.gradients``). Not here: peak memory per
-run (one process has one peak RSS; the demo counts tensor bytes instead). Inference verification is :mod:`mixprec.runs.inference`; the HTML
+relative norm difference are reported (``comparison.gradients``). Memory: the tensor bytes of
+one training step of each (:mod:`mixprec.memory`: training state and activations saved for
+backward), not the process's peak RSS, which one process cannot split per run. Inference verification is :mod:`mixprec.runs.inference`; the HTML
 report :mod:`mixprec.report`.
 """
 
@@ -88,6 +89,7 @@ def verify(task: Task, candidate: Policy | str, *, reference: Policy | str = "fp
         "comparison": comparison,
         "noise_floor": noise,
         "speed": _speed(task, ref_policy, cand_policy, c, seed, device, timing_steps),
+        "memory": _memory(task, ref_policy, cand_policy, seed, device),
         "candidate_run": {k: c.get(k) for k in ("status", "diagnosis", "skipped_steps", "localizations", "decisions",
                                                 "loss_scales", "monitor")},
         "environment": environment(device),
@@ -125,6 +127,19 @@ def _speed(task: Task, ref: Policy, cand: Policy, cand_result: dict[str, Any], s
     ref_s, cand_s, speedup = measure_speedup(task, cand, steps, seed, device)
     return {"reference_step_s": ref_s, "candidate_step_s": cand_s, "speedup": speedup,
             "method": f"median per-round ratio of {steps} steps each, interleaved on the same batches"}
+
+
+def _memory(task: Task, ref: Policy, cand: Policy, seed: int, device: str) -> dict[str, Any]:
+    """Training-state and activation bytes of one step of each (mixprec.memory)."""
+    from mixprec.memory import measure_memory
+
+    r, c = measure_memory(task, ref, seed=seed, device=device), measure_memory(task, cand, seed=seed, device=device)
+
+    def ratio(key: str) -> float | None:
+        return c[key] / r[key] if r.get(key) else None
+
+    return {"reference": r, "candidate": c, "state_ratio": ratio("state_bytes"),
+            "activation_ratio": ratio("activation_bytes"), "method": "bytes of the tensors of one training step"}
 
 
 def _tail_mean(losses: list[float | None]) -> float | None:
@@ -250,6 +265,10 @@ def render_verify(doc: dict[str, Any]) -> str:
     worst = sorted(((v, k) for k, v in c["weights"].items() if v is not None), reverse=True)[:3]
     if worst:
         lines.append("  largest weight divergence: " + ", ".join(f"{k} {v:.2e}" for v, k in worst))
+    mem = doc.get("memory") or {}
+    if mem.get("activation_ratio") is not None:
+        lines.append(f"  memory: activations saved for backward {mem['activation_ratio']:.2f}x, training state "
+                     f"{mem['state_ratio']:.2f}x the reference's (tensor bytes of one step)")
     sp = doc["speed"]["speedup"]
     if sp is not None:
         lines.append(f"  step time {doc['speed']['candidate_step_s'] * 1e3:.1f} ms vs "
