@@ -582,6 +582,36 @@ def _monitor_summary(doc: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _plot_ranges(ranges: dict[str, Any]) -> str | None:
+    """Two heatmaps, modules x sampled steps: output amax / format max, and underflow fraction."""
+    steps, modules = _list(ranges.get("steps")), _list(ranges.get("modules"))
+    ratio, under = _list(ranges.get("range_ratio")), _list(ranges.get("underflow"))
+    if not steps or not modules or len(ratio) != len(modules) or len(under) != len(modules):
+        return None
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    rows = modules[:MAX_BARS]
+    r = np.array([[np.nan if _num(v) is None or _num(v) <= 0 else float(v) for v in row] for row in ratio[:MAX_BARS]])
+    u = np.array([[np.nan if _num(v) is None else float(v) for v in row] for row in under[:MAX_BARS]])
+    fig = _figure(9.0, min(max(2.8, 0.2 * len(rows) + 1.4), 12.0))
+    ax1, ax2 = fig.subplots(1, 2, sharey=True)
+    fr = r[np.isfinite(r)]
+    im1 = ax1.imshow(r, aspect="auto", cmap="magma_r", interpolation="nearest",
+                     norm=LogNorm(vmin=max(float(fr.min()), 1e-12), vmax=max(float(fr.max()), 1e-11)) if fr.size else None)
+    im2 = ax2.imshow(u, aspect="auto", cmap="viridis_r", vmin=0.0, vmax=max(float(np.nanmax(u)) if np.isfinite(u).any() else 1.0, 1e-6),
+                     interpolation="nearest")
+    fmt = _plain(ranges.get("format", "?"))
+    for ax, title in ((ax1, f"output amax / {fmt} max"), (ax2, f"fraction below {fmt} min normal")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
+        ax.set_xlabel("step")
+    ax1.set_yticks(range(len(rows)), [_plain(m) for m in rows], fontsize=7)
+    fig.colorbar(im1, ax=ax1)
+    fig.colorbar(im2, ax=ax2)
+    return _png(fig)
+
+
 def _monitor_section(doc: dict[str, Any]) -> str:
     s = _monitor_summary(doc)
     if s is None:
@@ -591,6 +621,12 @@ def _monitor_section(doc: dict[str, Any]) -> str:
     steps = s.get("steps")
     span = f", steps {_e(steps[0])}\u2013{_e(steps[1])}" if isinstance(steps, list) and len(steps) == 2 else ""
     parts = [f"<p class=note>{_e(s.get('samples', '?'))} sampled steps{span}; target format {fmt}</p>"]
+    heat = _plot_ranges(_dict(_dict(doc.get("candidate_run")).get("monitor_ranges")))
+    if heat is not None:
+        parts.append(_img(heat, "per-module range heatmaps",
+                          "The candidate's monitor, per module (rows) and sampled step (columns): how close each "
+                          "module's output came to the format's max (left; 1 is overflow), and the share of its "
+                          "non-zero outputs below the smallest normal (right)."))
 
     def table(title: str, header: list[str], rows: list[list[str]], num: set[int]) -> None:
         parts.append(f"<h3>{title}</h3>")

@@ -32,6 +32,7 @@ import torch
 from mixprec import checkpoint
 from mixprec.environment import environment
 from mixprec.errors import UsageError
+from mixprec.monitor import load_records
 from mixprec.policy import Policy, parse_policy
 from mixprec.runs.train import train
 from mixprec.task import Task
@@ -65,7 +66,9 @@ def verify(task: Task, candidate: Policy | str, *, reference: Policy | str = "fp
 
     with tempfile.TemporaryDirectory(prefix="mixprec-verify-") as tmp:
         runs = {"reference": _run(task, ref_policy, steps, seed, device, Path(tmp) / "ref", train_kwargs),
-                "candidate": _run(task, cand_policy, steps, seed, device, Path(tmp) / "cand", train_kwargs)}
+                "candidate": _run(task, cand_policy, steps, seed, device, Path(tmp) / "cand",
+                                  {"monitor_every": max(1, steps // GRADIENT_SNAPSHOTS), **train_kwargs,
+                                   "run_dir": Path(tmp) / "cand-run"})}
         if noise_floor:
             runs["noise"] = _run(task, ref_policy, steps, seed + 1, device, Path(tmp) / "noise", train_kwargs)
         ref, cand = runs["reference"], runs["candidate"]
@@ -90,8 +93,9 @@ def verify(task: Task, candidate: Policy | str, *, reference: Policy | str = "fp
         "noise_floor": noise,
         "speed": _speed(task, ref_policy, cand_policy, c, seed, device, timing_steps),
         "memory": _memory(task, ref_policy, cand_policy, seed, device),
-        "candidate_run": {k: c.get(k) for k in ("status", "diagnosis", "skipped_steps", "localizations", "decisions",
-                                                "loss_scales", "monitor")},
+        "candidate_run": {**{k: c.get(k) for k in ("status", "diagnosis", "skipped_steps", "localizations",
+                                                   "decisions", "loss_scales", "monitor")},
+                          "monitor_ranges": monitor_ranges(cand["records"])},
         "environment": environment(device),
     }
 
@@ -114,7 +118,27 @@ def _run(task: Task, policy: Policy, steps: int, seed: int, device: str, directo
     result = train(task, policy, steps=steps, seed=seed, device=device, checkpoint_dir=directory,
                    grad_observer=observe, **kwargs)
     state = checkpoint.load(directory / checkpoint.CHECKPOINT_NAME)
-    return {"result": result, "model": state["model"], "grads": grads}
+    run_dir = kwargs.get("run_dir")
+    records = load_records(Path(run_dir) / "monitor.jsonl") if run_dir and (Path(run_dir) / "monitor.jsonl").exists() else []
+    return {"result": result, "model": state["model"], "grads": grads, "records": records}
+
+
+def monitor_ranges(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per module and sampled step: output amax / the target format's max, and the fraction of
+    non-zero outputs below its smallest normal (the report's heatmaps)."""
+    from mixprec.formats import get_format
+
+    records = [r for r in records if not r.get("replay")]
+    if not records:
+        return None
+    fmt = records[0]["formats"][0]
+    fmt_max = get_format(fmt).max
+    modules = list(records[0]["modules"])
+    ratio = [[(r["modules"].get(m, {}).get("amax") or 0.0) / fmt_max if r["modules"].get(m, {}).get("amax") is not None
+              else None for r in records] for m in modules]
+    under = [[r["modules"].get(m, {}).get("formats", {}).get(fmt, {}).get("underflow") for r in records] for m in modules]
+    return {"format": fmt, "steps": [r["step"] for r in records], "modules": modules, "range_ratio": ratio,
+            "underflow": under}
 
 
 def _speed(task: Task, ref: Policy, cand: Policy, cand_result: dict[str, Any], seed: int, device: str,
