@@ -18,11 +18,8 @@ from mixprec.errors import UsageError
 from mixprec.formats import FORMATS, get_format
 from mixprec.quantization import ROUNDING_MODES, quantize, sqnr_db
 
-try:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is a dev dependency
-    st = None
+from hypothesis import HealthCheck, given, settings  # a dev dependency
+from hypothesis import strategies as st
 
 NARROW = ["fp16", "bf16", "fp8_e4m3", "fp8_e5m2"]  # formats torch has a dtype for
 ROUNDED = [*NARROW, "tf32"]  # every format that actually rounds fp32 values
@@ -329,77 +326,71 @@ def test_sqnr_db():
 
 # --------------------------------------------------------------------------- properties
 
-if st is not None:
-    _SETTINGS = settings(deadline=None, database=None, max_examples=150,
-                         suppress_health_check=[HealthCheck.too_slow])
+_SETTINGS = settings(deadline=None, database=None, max_examples=150,
+                     suppress_health_check=[HealthCheck.too_slow])
 
-    def _fp32_lists(name: str):
-        f = get_format(name)
-        sub = f.smallest_subnormal
-        elems = st.one_of(
-            st.floats(width=32),  # everything: nan, inf, subnormals, huge
-            st.integers(0, 2**32 - 1).map(lambda b: struct.unpack("<f", struct.pack("<I", b))[0]),
-            st.floats(min_value=-min(2 * f.max, FP32_MAX), max_value=min(2 * f.max, FP32_MAX),
-                      width=32),  # around overflow
-            st.floats(min_value=-64 * sub, max_value=64 * sub, width=32),  # subnormals, ties
-            st.sampled_from(edge_values(name)),
-        )
-        return st.lists(elems, min_size=1, max_size=64)
+def _fp32_lists(name: str):
+    f = get_format(name)
+    sub = f.smallest_subnormal
+    elems = st.one_of(
+        st.floats(width=32),  # everything: nan, inf, subnormals, huge
+        st.integers(0, 2**32 - 1).map(lambda b: struct.unpack("<f", struct.pack("<I", b))[0]),
+        st.floats(min_value=-min(2 * f.max, FP32_MAX), max_value=min(2 * f.max, FP32_MAX),
+                  width=32),  # around overflow
+        st.floats(min_value=-64 * sub, max_value=64 * sub, width=32),  # subnormals, ties
+        st.sampled_from(edge_values(name)),
+    )
+    return st.lists(elems, min_size=1, max_size=64)
 
-    @pytest.mark.parametrize("name", NARROW)
-    def test_property_nearest_equals_cast_and_reference(name):
-        @_SETTINGS
-        @given(_fp32_lists(name))
-        def check(values):
-            x = f32(values)
-            q = quantize(x, name)
-            assert_same_bits(q, cast_round_trip(x, name))
-            assert_same_bits(q, f32([ref_nearest(v, name) for v in x.tolist()]))
+@pytest.mark.parametrize("name", NARROW)
+def test_property_nearest_equals_cast_and_reference(name):
+    @_SETTINGS
+    @given(_fp32_lists(name))
+    def check(values):
+        x = f32(values)
+        q = quantize(x, name)
+        assert_same_bits(q, cast_round_trip(x, name))
+        assert_same_bits(q, f32([ref_nearest(v, name) for v in x.tolist()]))
 
-        check()
+    check()
 
-    def test_property_tf32_nearest_equals_integer_reference():
-        @_SETTINGS
-        @given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=64))
-        def check(patterns):
-            x = bits_from_ints(patterns)
-            q = quantize(x, "tf32")
-            assert_same_bits(q, bits_from_ints([tf32_ref_bits(b) for b in patterns]))
-            assert_same_bits(q, f32([ref_nearest(v, "tf32") for v in x.tolist()]))
+def test_property_tf32_nearest_equals_integer_reference():
+    @_SETTINGS
+    @given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=64))
+    def check(patterns):
+        x = bits_from_ints(patterns)
+        q = quantize(x, "tf32")
+        assert_same_bits(q, bits_from_ints([tf32_ref_bits(b) for b in patterns]))
+        assert_same_bits(q, f32([ref_nearest(v, "tf32") for v in x.tolist()]))
 
-        check()
+    check()
 
-    @pytest.mark.parametrize("name", NARROW)
-    def test_property_fp64_nearest_equals_cast(name):
-        @_SETTINGS
-        @given(st.lists(st.floats(width=64), min_size=1, max_size=64))
-        def check(values):
-            x = torch.tensor(values, dtype=torch.float64)
-            assert_same_bits(quantize(x, name), cast_round_trip(x, name))
+@pytest.mark.parametrize("name", NARROW)
+def test_property_fp64_nearest_equals_cast(name):
+    @_SETTINGS
+    @given(st.lists(st.floats(width=64), min_size=1, max_size=64))
+    def check(values):
+        x = torch.tensor(values, dtype=torch.float64)
+        assert_same_bits(quantize(x, name), cast_round_trip(x, name))
 
-        check()
+    check()
 
-    @pytest.mark.parametrize("name", ROUNDED)
-    def test_property_stochastic_picks_a_neighbour(name):
-        f = get_format(name)
+@pytest.mark.parametrize("name", ROUNDED)
+def test_property_stochastic_picks_a_neighbour(name):
+    f = get_format(name)
 
-        @_SETTINGS
-        @given(_fp32_lists(name), st.integers(0, 2**31 - 1), st.booleans())
-        def check(values, seed, fp64):
-            x = f32(values).to(torch.float64 if fp64 else torch.float32)
-            q = quantize(x, name, "stochastic", generator=torch.Generator().manual_seed(seed))
-            assert_same_bits(quantize(q, name), q)  # representable
-            near = quantize(x, name)
-            for v, r, nv in zip(x.tolist(), q.tolist(), near.tolist()):
-                if math.isnan(v) or abs(v) > f.max:
-                    assert r == nv or (math.isnan(r) and math.isnan(nv))
-                else:
-                    lo, hi = ref_neighbours(v, name)
-                    assert r in (lo, hi) and math.copysign(1, r) == math.copysign(1, v)
+    @_SETTINGS
+    @given(_fp32_lists(name), st.integers(0, 2**31 - 1), st.booleans())
+    def check(values, seed, fp64):
+        x = f32(values).to(torch.float64 if fp64 else torch.float32)
+        q = quantize(x, name, "stochastic", generator=torch.Generator().manual_seed(seed))
+        assert_same_bits(quantize(q, name), q)  # representable
+        near = quantize(x, name)
+        for v, r, nv in zip(x.tolist(), q.tolist(), near.tolist()):
+            if math.isnan(v) or abs(v) > f.max:
+                assert r == nv or (math.isnan(r) and math.isnan(nv))
+            else:
+                lo, hi = ref_neighbours(v, name)
+                assert r in (lo, hi) and math.copysign(1, r) == math.copysign(1, v)
 
-        check()
-else:  # pragma: no cover
-
-    @pytest.mark.skip(reason="hypothesis is not installed (pip install hypothesis)")
-    def test_property_tests_need_hypothesis():
-        pass
+    check()
