@@ -350,7 +350,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return _verify_inference(args)
     candidate = policy_from_options(args.precision, args.keep_fp32, args.policy, args.controller)
     reference = parse_policy(args.reference)
-    report_dir = _prepare_report_dir(args.report, args.force) if args.report else None
+    from mixprec.report import prepare_report_dir
+
+    report_dir = prepare_report_dir(args.report, force=args.force) if args.report else None
     task_args = parse_task_args(args.task_arg)
     if args.batch_size is not None:
         task_args["batch_size"] = args.batch_size
@@ -389,23 +391,6 @@ def _verify_inference(args: argparse.Namespace) -> int:
     _write_json(args.json, doc)
     (sys.stderr if args.json == "-" else sys.stdout).write(render_inference(doc) + "\n")
     return EXIT_OK if all(r["finite"] for r in doc["precisions"]) else EXIT_FAILED
-
-
-def _prepare_report_dir(path: str, force: bool) -> Path:
-    """A report dir is new, empty, or an earlier mixprec report; anything else needs --force."""
-    directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise UsageError(f"--report {path!r} is a file, not a directory")
-    if directory.is_dir():
-        others = sorted(p.name for p in directory.iterdir() if p.name not in ("report.json", "report.md", "report.html"))
-        if others and not force:
-            raise UsageError(f"--report {path!r} holds other files ({', '.join(others[:3])}); choose a new directory "
-                             "or pass --force")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--report {path!r} cannot be created: {exc.strerror or exc}") from None
-    return directory
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -12,9 +12,8 @@ On the default recipe (``lm``, a byte-level GPT on Python's own standard library
    anyway, and the candidate must stay within 3x that);
 4. print **one table**: what was chosen and why, the speed-up, the memory, the loss and
    metric differences against fp32 and against the noise floor, and the verdict; write
-   the report (``report.json`` + ``report.md`` of the verification, ``report.html`` when
-   :mod:`mixprec.report` is installed, and ``demo.json``, the whole ``mixprec.demo/1``
-   document).
+   the report (``report.json``, ``report.md`` and ``report.html`` of the verification,
+   :mod:`mixprec.report`, and ``demo.json``, the whole ``mixprec.demo/1`` document).
 
 Which precision is verified. The demo's point is to show what mixed precision buys and
 what it costs, so it always verifies a mixed mode:
@@ -68,6 +67,7 @@ from mixprec import autotune as autotune_mod
 from mixprec import jsonio
 from mixprec import probe as probe_mod
 from mixprec.memory import measure_memory
+from mixprec.report import prepare_report_dir, write_report
 from mixprec.environment import environment, resolve_device
 from mixprec.errors import UsageError
 from mixprec.policy import Policy, Rule
@@ -296,56 +296,11 @@ def _summary(chosen: dict[str, Any], speed: dict[str, Any], verdict: str) -> str
 
 
 # -- report -------------------------------------------------------------------------------
-def prepare_report_dir(path: str | Path) -> Path:
-    """A report directory is new, empty, or an earlier mixprec report (it holds ``demo.json``
-    or a mixprec ``report.json``); anything else is refused, so nothing else is overwritten."""
-    directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise UsageError(f"report directory {str(path)!r} is a file, not a directory")
-    if directory.is_dir() and any(directory.iterdir()) and not _is_mixprec_report(directory):
-        others = sorted(p.name for p in directory.iterdir())[:3]
-        raise UsageError(f"report directory {str(path)!r} holds other files ({', '.join(others)}) and is not an "
-                         "earlier mixprec report; choose a new or empty directory")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"report directory {str(path)!r} cannot be created: {exc.strerror or exc}") from None
-    return directory
-
-
-def _is_mixprec_report(directory: Path) -> bool:
-    for name in ("demo.json", "report.json"):
-        try:
-            doc = json.loads((directory / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError):
-            continue
-        if isinstance(doc, dict) and str(doc.get("schema", "")).startswith("mixprec."):
-            return True
-    return False
-
-
 def _write_reports(directory: Path, verified: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
-    """report.json and report.md of the verification; report.html through mixprec.report when it exists."""
-    jsonio.write_atomic(directory / "report.json", jsonio.dumps(verified))
-    jsonio.write_atomic(directory / "report.md", verify_mod.render_markdown(verified))
-    html, html_error = None, None
-    try:
-        from mixprec.report import write_report  # written in parallel; optional here
-    except ImportError:
-        write_report = None
-        html_error = "mixprec.report is not available: no HTML report"
-    if write_report is not None:
-        try:
-            write_report(verified, directory)
-        except Exception as exc:  # noqa: BLE001 - the HTML is extra: the JSON/Markdown report stands
-            html_error = f"the HTML report failed: {type(exc).__name__}: {exc}"
-            say(f"report: {html_error}")
-        if (directory / "report.html").exists() and html_error is None:
-            html = str(directory / "report.html")
-        elif html_error is None:
-            html_error = "mixprec.report wrote no report.html"
-    return {"directory": str(directory), "json": str(directory / "report.json"), "markdown": str(directory / "report.md"),
-            "html": html, "html_error": html_error, "demo": str(directory / "demo.json")}
+    """The verification's report.json, report.md and report.html (mixprec.report)."""
+    paths = write_report(verified, directory)
+    return {"directory": str(directory), "json": str(paths["json"]), "markdown": str(paths["md"]),
+            "html": str(paths["html"]), "html_error": None, "demo": str(directory / "demo.json")}
 
 
 # -- the table ----------------------------------------------------------------------------

@@ -724,6 +724,35 @@ def render_html(doc: dict[str, Any]) -> str:
             f"<title>{_e(title)}</title><style>{_STYLE}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")
 
 
+def prepare_report_dir(path: str | Path, force: bool = False) -> Path:
+    """A report directory is new, empty, or an earlier mixprec report (it holds ``demo.json``
+    or a mixprec ``report.json``); anything else is refused unless ``force``, so nothing else
+    is overwritten by accident."""
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"report directory {str(path)!r} is a file, not a directory")
+    if directory.is_dir() and not force and any(directory.iterdir()) and not _is_mixprec_report(directory):
+        others = sorted(p.name for p in directory.iterdir())[:3]
+        raise UsageError(f"report directory {str(path)!r} holds other files ({', '.join(others)}) and is not an "
+                         "earlier mixprec report; choose a new or empty directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"report directory {str(path)!r} cannot be created: {exc.strerror or exc}") from None
+    return directory
+
+
+def _is_mixprec_report(directory: Path) -> bool:
+    for name in ("demo.json", "report.json"):
+        try:
+            doc = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(doc, dict) and str(doc.get("schema", "")).startswith("mixprec."):
+            return True
+    return False
+
+
 def write_report(doc: dict[str, Any], directory: str | Path) -> dict[str, Path]:
     """Write report.json, report.md and report.html into ``directory`` (created if needed)."""
     directory = Path(directory)
