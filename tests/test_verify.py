@@ -60,6 +60,11 @@ def test_gradient_agreement_is_sampled_per_module():
     assert {"lm_head", "blocks.0.attn.qkv", "tok_emb"} <= set(grads["modules"])
     assert all(len(row) == len(grads["steps"]) for row in grads["cosine"])
     assert 0.99 < grads["min_cosine"] < 1.0  # bf16 rounds: close to fp32's gradients, not equal
+    weights = doc["comparison"]["weights_over_steps"]
+    assert weights["steps"] == grads["steps"]
+    assert all(row[0] == 0.0 for row in weights["rel_divergence"])  # the same initial weights
+    qkv = weights["rel_divergence"][weights["modules"].index("blocks.0.attn.qkv")]
+    assert 0 < qkv[1] < qkv[-1] < 0.1  # drifting apart slowly, as rounding accumulates
 
 
 def test_absolute_tolerance_can_fail():

@@ -111,9 +111,9 @@ class Engine:
         self._window_losses: list[torch.Tensor] = []
         self.steps = 0  # optimizer steps attempted (stepped + skipped)
         self.skipped_steps = 0
-        # Called at each optimizer step as grad_observer(step, {param name: gradient}), the
-        # gradients unscaled and not yet clipped. For verification; it costs a pass over
-        # the gradients, so training leaves it None.
+        # Called at each optimizer step as grad_observer(step, {param name: parameter}) with
+        # .grad unscaled and not yet clipped and the values those of before the step (the
+        # fp32 masters in the true modes). For verification; training leaves it None.
         self.grad_observer: Callable[[int, dict[str, torch.Tensor]], None] | None = None
         self._param_names: dict[int, str] = {}
 
@@ -244,7 +244,7 @@ class Engine:
                     p.grad = p.grad.coalesce()  # as GradScaler: duplicates could overflow once summed
             found = self.scaler.unscale_([p.grad for p in params])
             if self.grad_observer is not None:
-                self.grad_observer(self.steps + 1, {self._param_names.get(id(p), f"param{i}"): p.grad
+                self.grad_observer(self.steps + 1, {self._param_names.get(id(p), f"param{i}"): p
                                                     for i, p in enumerate(params)})
             norm = self._grad_norm(params)  # clips each optimizer's own gradients
             if found is None:  # no loss scaling: the norm is the finite check

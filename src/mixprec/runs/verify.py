@@ -107,20 +107,25 @@ def _run(task: Task, policy: Policy, steps: int, seed: int, device: str, directo
          kwargs: dict[str, Any]) -> dict[str, Any]:
     every = max(1, steps // GRADIENT_SNAPSHOTS)
     grads: dict[int, dict[str, torch.Tensor]] = {}
+    weights: dict[int, dict[str, torch.Tensor]] = {}
 
     def observe(step: int, named: dict[str, torch.Tensor]) -> None:
         if step == 1 or step % every == 0:
-            per_module: dict[str, list[torch.Tensor]] = {}
-            for name, g in named.items():
-                per_module.setdefault(name.rpartition(".")[0] or name, []).append(g.detach().float().flatten().cpu())
-            grads[step] = {m: torch.cat(parts) for m, parts in per_module.items()}
+            g_parts: dict[str, list[torch.Tensor]] = {}
+            w_parts: dict[str, list[torch.Tensor]] = {}
+            for name, p in named.items():
+                module = name.rpartition(".")[0] or name
+                g_parts.setdefault(module, []).append(p.grad.detach().float().flatten().cpu())
+                w_parts.setdefault(module, []).append(p.detach().float().flatten().cpu())
+            grads[step] = {m: torch.cat(parts) for m, parts in g_parts.items()}
+            weights[step] = {m: torch.cat(parts) for m, parts in w_parts.items()}
 
     result = train(task, policy, steps=steps, seed=seed, device=device, checkpoint_dir=directory,
                    grad_observer=observe, **kwargs)
     state = checkpoint.load(directory / checkpoint.CHECKPOINT_NAME)
     run_dir = kwargs.get("run_dir")
     records = load_records(Path(run_dir) / "monitor.jsonl") if run_dir and (Path(run_dir) / "monitor.jsonl").exists() else []
-    return {"result": result, "model": state["model"], "grads": grads, "records": records}
+    return {"result": result, "model": state["model"], "grads": grads, "weights": weights, "records": records}
 
 
 def monitor_ranges(records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -193,7 +198,24 @@ def _compare(ref: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
         "metrics": metrics,
         "weights": _weight_divergence(ref["model"], other["model"]),
         "gradients": _gradient_agreement(ref["grads"], other["grads"]),
+        "weights_over_steps": _weights_over_steps(ref["weights"], other["weights"]),
     }
+
+
+def _weights_over_steps(ref: dict[int, dict[str, torch.Tensor]], other: dict[int, dict[str, torch.Tensor]]
+                        ) -> dict[str, Any]:
+    """Per module and sampled step: relative L2 distance of the weights entering that step."""
+    steps = sorted(set(ref) & set(other))
+    modules = [m for m in (ref[steps[0]] if steps else {}) if all(m in other[s] for s in steps)]
+    rows = []
+    for m in modules:
+        row = []
+        for s in steps:
+            a, b = ref[s][m].double(), other[s][m].double()
+            value = float((b - a).norm() / a.norm()) if float(a.norm()) > 0 else None
+            row.append(value if value is None or math.isfinite(value) else None)
+        rows.append(row)
+    return {"steps": steps, "modules": modules, "rel_divergence": rows}
 
 
 def _gradient_agreement(ref: dict[int, dict[str, torch.Tensor]], other: dict[int, dict[str, torch.Tensor]]
