@@ -235,12 +235,8 @@ def _write_json(target: str | None, document: dict[str, Any]) -> None:
 # -- commands -----------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mixprec.demo import render_demo, run_demo
-    from mixprec.taskref import parse_task_args
-
     _check_json_target(args.json)
-    task_args = parse_task_args(args.task_arg)
-    if args.batch_size is not None:
-        task_args["batch_size"] = args.batch_size
+    task_args = _task_args(args)
     out = sys.stderr if args.json == "-" else sys.stdout
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="fp16 on this CPU")  # autotune measures fp16 and says so itself
@@ -255,15 +251,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from mixprec.policy import policy_from_options
     from mixprec.runs.train import train
-    from mixprec.taskref import load_task, parse_task_args
+    from mixprec.taskref import load_task
 
     _check_json_target(args.json)
     auto = args.precision is not None and args.precision.strip().lower() == "auto"
     if not auto:
         policy = policy_from_options(args.precision, args.keep_fp32, args.policy, args.controller)
-    task_args = parse_task_args(args.task_arg)
-    if args.batch_size is not None:
-        task_args["batch_size"] = args.batch_size
+    task_args = _task_args(args)
     task = load_task(args.task, task_args)
     out = sys.stderr if args.json == "-" else sys.stdout
     if auto:
@@ -297,6 +291,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _write_json(args.json, result)
     out.write(summary(result) + "\n")
     return EXIT_OK if result["status"] == "completed" else EXIT_FAILED
+
+
+def _task_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--task-arg key=value`` pairs, with ``--batch-size`` as ``batch_size``."""
+    from mixprec.taskref import parse_task_args
+
+    task_args = parse_task_args(args.task_arg)
+    if args.batch_size is not None:
+        task_args["batch_size"] = args.batch_size
+    return task_args
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -343,7 +347,7 @@ def summary(result: dict[str, Any]) -> str:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from mixprec.policy import parse_policy, policy_from_options
     from mixprec.runs.verify import render_verify, verify
-    from mixprec.taskref import load_task, parse_task_args
+    from mixprec.taskref import load_task
 
     _check_json_target(args.json)
     if args.inference:
@@ -353,9 +357,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from mixprec.report import prepare_report_dir
 
     report_dir = prepare_report_dir(args.report, force=args.force) if args.report else None
-    task_args = parse_task_args(args.task_arg)
-    if args.batch_size is not None:
-        task_args["batch_size"] = args.batch_size
+    task_args = _task_args(args)
     task = load_task(args.task, task_args)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -378,12 +380,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _verify_inference(args: argparse.Namespace) -> int:
     from mixprec.policy import policy_from_options
     from mixprec.runs.inference import render_inference, verify_inference
-    from mixprec.taskref import load_task, parse_task_args
+    from mixprec.taskref import load_task
 
     policies = [policy_from_options(p, args.keep_fp32) for p in _split(args.precision) or []]
-    task_args = parse_task_args(args.task_arg)
-    if args.batch_size is not None:
-        task_args["batch_size"] = args.batch_size
+    task_args = _task_args(args)
     task = load_task(args.task, task_args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fp16 on a CPU is slow; inference verification measures numerics
@@ -415,15 +415,13 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_autotune(args: argparse.Namespace) -> int:
     from mixprec.autotune import autotune, parse_candidates, render_autotune
     from mixprec.policy import Policy
-    from mixprec.taskref import load_task, parse_task_args
+    from mixprec.taskref import load_task
 
     _check_json_target(args.json)
     candidates = parse_candidates(args.candidates)
     if args.output is not None:
         _check_json_target(args.output)
-    task_args = parse_task_args(args.task_arg)
-    if args.batch_size is not None:
-        task_args["batch_size"] = args.batch_size
+    task_args = _task_args(args)
     task = load_task(args.task, task_args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fp16 on a CPU is slow: autotune measures and says so itself
