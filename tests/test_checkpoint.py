@@ -134,5 +134,5 @@ def test_sigkill_at_several_points_then_resume_is_bit_exact(tmp_path):
     assert _states_equal(a["model"], b["model"])
     assert a["engine"]["scaler"] == b["engine"]["scaler"]
     assert a["history"]["losses"] == b["history"]["losses"]
-    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    opt_a, opt_b = a["optimizers"][0]["state"], b["optimizers"][0]["state"]
     assert all(_states_equal(opt_a[k], opt_b[k]) for k in opt_a)

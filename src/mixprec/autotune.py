@@ -35,7 +35,7 @@ from mixprec.jsonio import dumps, write_atomic
 from mixprec.policy import Policy, Rule, normalize_mode
 from mixprec.runs.train import train
 from mixprec.sensitivity_analysis import sensitivity
-from mixprec.task import Task
+from mixprec.task import Task, build_optimizers
 
 AUTOTUNE_SCHEMA = "mixprec.autotune/1"
 DEFAULT_CANDIDATES = ("bf16-mixed", "fp16-mixed", "fp8-mixed")
@@ -162,9 +162,8 @@ def measure_speedup(task: Task, policy: Policy, steps: int, seed: int, device: s
     for p in (Policy("fp32"), policy):
         torch.manual_seed(seed)
         model = task.build_model().to(device)
-        opt = task.build_optimizer(model)
         engine = Engine(p, device=device)
-        engine.setup(model, opt)
+        engine.setup(model, *build_optimizers(task, model))
         loops.append((model, engine))
     times: list[list[float]] = [[], []]
     batches = task.train_batches(seed)

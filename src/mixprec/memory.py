@@ -17,7 +17,7 @@ import torch
 from mixprec.engine import Engine
 from mixprec.environment import resolve_device
 from mixprec.policy import Policy
-from mixprec.task import Task
+from mixprec.task import Task, build_optimizers
 
 __all__ = ["measure_memory"]
 
@@ -59,9 +59,9 @@ def measure_memory(task: Task, policy: Policy | str, *, seed: int = 0, device: s
     dev = resolve_device(device)
     torch.manual_seed(seed)
     model = task.build_model().to(dev)
-    optimizer = task.build_optimizer(model)
+    optimizers = build_optimizers(task, model)
     engine = Engine(policy, device=dev)
-    engine.setup(model, optimizer)
+    engine.setup(model, *optimizers)
     params = list({id(p): p for p in model.parameters()}.values())
     param_keys: dict[Any, int] = {}
     for p in params:
@@ -90,7 +90,7 @@ def measure_memory(task: Task, policy: Policy | str, *, seed: int = 0, device: s
         torch.cuda.synchronize(dev)
         cuda_peak = int(torch.cuda.max_memory_allocated(dev) - before)
     weights = sum(param_keys.values())
-    optim_state = _nbytes([v for state in optimizer.state.values() for v in state.values()
+    optim_state = _nbytes([v for optimizer in optimizers for state in optimizer.state.values() for v in state.values()
                            if isinstance(v, torch.Tensor)])
     masters = _nbytes([m for slot in engine.state_dict()["masters"] for m in slot])
     activations = sum(b for k, b in saved.items() if k not in param_keys)

@@ -1,47 +1,40 @@
-"""Built-in recipes: ready-made Tasks, listed by ``mixprec recipes``.
+"""Built-in recipes: ready-made Tasks, one per domain, listed by ``mixprec recipes``.
 
-Each entry of ``RECIPES`` names a factory ``(**kwargs) -> mixprec.Task``; keyword arguments
-come from ``--task-arg key=value`` on the command line. Importing this package imports only
-torch and the recipe modules themselves (no transformers, no datasets, no downloads).
+Each recipe module defines a factory ``(**kwargs) -> mixprec.Task`` and ``RECIPE``, its
+:class:`RecipeInfo`; keyword arguments come from ``--task-arg key=value`` on the command
+line. Recipe modules import only torch and numpy at import time: heavier libraries
+(transformers, scikit-learn) are imported when a Task is built, and nothing downloads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import importlib
 
 from mixprec.errors import UsageError
-from mixprec.task import Task
+from mixprec.recipes.info import RecipeInfo
 
-from mixprec.recipes import lm as _lm  # keep mixprec.recipes.lm the module, not the function
+__all__ = ["RecipeInfo", "RECIPES", "RECIPE_ORDER", "DEFAULT_RECIPE", "get_recipe"]
 
-__all__ = ["RecipeInfo", "RECIPES", "DEFAULT_RECIPE", "get_recipe"]
-
-
-@dataclass(frozen=True)
-class RecipeInfo:
-    """What a recipe is, for listings and reports; ``factory(**kwargs)`` builds its Task."""
-
-    name: str
-    factory: Callable[..., Task]
-    domain: str
-    model: str
-    data: str
-    metric: str
-    description: str
+# The parity table's row order: one recipe per domain.
+RECIPE_ORDER = ("lm", "bert", "vision", "detection", "recsys", "asr", "gan", "tts")
 
 
-RECIPES: dict[str, RecipeInfo] = {
-    "lm": RecipeInfo(
-        name="lm",
-        factory=_lm.lm,
-        domain="language model",
-        model="GPT-style byte-level decoder (2 layers, d_model 128, 4 heads, untied lm_head)",
-        data="Python standard library .py sources (bytes), split by file",
-        metric="val_loss (cross-entropy, nats/byte), perplexity",
-        description="Next-byte prediction on Python's own source code; no downloads.",
-    ),
-}
+def _load() -> dict[str, RecipeInfo]:
+    found = {}
+    for name in RECIPE_ORDER:
+        try:
+            module = importlib.import_module(f"mixprec.recipes.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"mixprec.recipes.{name}":
+                continue  # not written yet
+            raise
+        info = getattr(module, "RECIPE", None)
+        if info is not None:
+            found[name] = info
+    return found
+
+
+RECIPES: dict[str, RecipeInfo] = _load()
 
 DEFAULT_RECIPE = "lm"
 
@@ -51,5 +44,5 @@ def get_recipe(name: str) -> RecipeInfo:
     try:
         return RECIPES[name]
     except (KeyError, TypeError):
-        valid = ", ".join(sorted(RECIPES))
+        valid = ", ".join(RECIPES)
         raise UsageError(f"unknown recipe {name!r}; valid recipes: {valid}") from None

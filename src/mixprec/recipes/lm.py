@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.errors import UsageError
+from mixprec.recipes.info import RecipeInfo
 from mixprec.task import Task
 
 __all__ = ["GPT", "Block", "CausalSelfAttention", "MLP", "load_stdlib_bytes", "lm"]
@@ -308,3 +309,19 @@ def lm(n_layer: int = 2, n_head: int = 4, d_model: int = 128, seq_len: int = 128
 
     return Task(name="lm", build_model=build_model, build_optimizer=build_optimizer,
                 train_batches=train_batches, loss=loss, evaluate=evaluate)
+
+
+RECIPE = RecipeInfo(
+    name="lm",
+    factory=lm,
+    domain="language model",
+    model="GPT-style byte-level decoder (2 layers, d_model 128, 4 heads, untied lm_head)",
+    data="Python standard library .py sources (bytes), split by file",
+    metric="val_loss (cross-entropy, nats/byte), perplexity",
+    description="Next-byte prediction on Python's own source code; no downloads.",
+    metric_key="val_loss",
+    higher_is_better=False,
+    expected_fp32=(2.3, 2.7),
+    verify_steps=100,
+    tiny=dict(n_layer=1, n_head=4, d_model=64, seq_len=64, batch_size=8, eval_batches=2),
+)

@@ -24,7 +24,7 @@ from mixprec.errors import UsageError
 from mixprec.policy import Policy, parse_policy
 from mixprec.runs.numerics import RunNumerics
 from mixprec.runs.numerics import check_options as check_numerics_options
-from mixprec.task import Task
+from mixprec.task import Task, build_optimizers
 
 TRAIN_SCHEMA = "mixprec.train/1"
 TRAIN_FILE = "train.json"  # in the run dir, next to the monitor's stream
@@ -92,9 +92,9 @@ def train(
 
     _seed_everything(seed)
     model = task.build_model().to(device)
-    optimizer = task.build_optimizer(model)
+    optimizers = build_optimizers(task, model)
     engine = Engine(policy, accumulate=accumulate, clip_grad_norm=clip_grad_norm, device=device)
-    engine.setup(model, optimizer)
+    engine.setup(model, *optimizers)
     engine.grad_observer = grad_observer  # verify compares gradients through it
     numerics = RunNumerics(task, model, engine, policy, every=monitor_every, formats=monitor_formats,
                            run_dir=run_dir, tensorboard=tensorboard)
@@ -106,7 +106,10 @@ def train(
     batches = task.train_batches(seed)
     if saved is not None:
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        if len(saved["optimizers"]) != len(optimizers):
+            raise UsageError(f"checkpoint holds {len(saved['optimizers'])} optimizer states, the task builds {len(optimizers)}")
+        for optimizer, state in zip(optimizers, saved["optimizers"]):
+            optimizer.load_state_dict(state)
         engine.load_state_dict(saved["engine"])
         start = int(saved["step"])
         losses = list(saved["history"]["losses"])
@@ -166,7 +169,7 @@ def train(
         if checkpoint_dir is not None and (
             status != "completed" or step == steps or (checkpoint_every and step % checkpoint_every == 0)
         ):
-            _save(checkpoint_dir, task, policy, config, step, model, optimizer, engine,
+            _save(checkpoint_dir, task, policy, config, step, model, optimizers, engine,
                   {"losses": losses, "loss_scales": scales, "skipped": skipped}, numerics)
         if status != "completed":
             break
@@ -263,7 +266,7 @@ def _open_checkpoint_dir(directory: str | Path | None, resume: bool, task: Task,
 
 
 def _save(directory: str | Path, task: Task, policy: Policy, config: dict[str, Any], step: int,
-          model: torch.nn.Module, optimizer: torch.optim.Optimizer, engine: Engine,
+          model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], engine: Engine,
           history: dict[str, list[Any]], numerics: RunNumerics) -> None:
     checkpoint.save(directory, {
         "task": task.name,
@@ -272,7 +275,7 @@ def _save(directory: str | Path, task: Task, policy: Policy, config: dict[str, A
         "step": step,
         "batches_consumed": step * engine.accumulate,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizers": [o.state_dict() for o in optimizers],
         "engine": engine.state_dict(),
         "rng": checkpoint.rng_state(),
         "history": history,
