@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -123,15 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("task", nargs="?", default=None, metavar="TASK", help="a recipe name or package.module:function")
     v.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE")
     v.add_argument("--batch-size", type=_positive_int, default=None, metavar="B")
-    v.add_argument("--precision", required=True, metavar="P",
+    v.add_argument("--precision", default=None, metavar="P",
                    help="the candidate precision (with --inference: a comma-separated list)")
+    v.add_argument("--all", action="store_true",
+                   help="the parity table: every recipe (or --recipes) in every --precisions against fp32")
+    v.add_argument("--precisions", default=None, metavar="P[,P]",
+                   help="with --all: the candidates (default bf16-mixed,fp16-mixed; also fp8-mixed)")
+    v.add_argument("--recipes", default=None, metavar="NAME[,NAME]", help="with --all: a subset of the recipes")
+    v.add_argument("--tiny", action="store_true", help="with --all: each recipe at its tiny test size (seconds)")
+    v.add_argument("--emulate", default="auto", choices=("auto", "always", "never"),
+                   help="with --all: run a precision this hardware runs slowly emulated (auto, the probe decides)")
     v.add_argument("--inference", action="store_true",
                    help="compare the model's outputs per precision against fp32 instead of training runs")
     v.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN[,PATTERN]")
     v.add_argument("--policy", default=None, metavar="FILE", help="the candidate's policy file")
     v.add_argument("--controller", default=None, choices=CONTROLLERS)
     v.add_argument("--reference", default="fp32", metavar="P", help="the reference precision (default fp32)")
-    v.add_argument("--steps", type=_positive_int, default=60, metavar="N")
+    v.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                   help="optimizer steps (default 60; with --all each recipe's own)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--noise-floor", action="store_true",
                    help="also run the reference under seed+1 and judge relative to fp32's own drift")
@@ -350,6 +360,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from mixprec.taskref import load_task
 
     _check_json_target(args.json)
+    if args.all:
+        return _verify_all(args)
+    for flag, value in (("--precisions", args.precisions), ("--recipes", args.recipes),
+                        ("--tiny", args.tiny or None)):
+        if value is not None:
+            raise UsageError(f"{flag} goes with --all (the parity table); for one task use --precision")
+    if args.precision is None:
+        raise UsageError("verify needs --precision P (the candidate), or --all for the parity table")
+    if args.steps is None:
+        args.steps = 60
     if args.inference:
         return _verify_inference(args)
     candidate = policy_from_options(args.precision, args.keep_fp32, args.policy, args.controller)
@@ -375,6 +395,56 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if report_dir is not None:
         out.write(f"report: {report_dir / 'report.html'} (and report.md, report.json)\n")
     return EXIT_OK if doc["verdict"] == "PASS" else EXIT_FAILED
+
+
+def _verify_all(args: argparse.Namespace) -> int:
+    from mixprec.runs.parity import render_summary, verify_all
+
+    for flag, given in (("TASK", args.task), ("--precision", args.precision), ("--inference", args.inference or None),
+                        ("--keep-fp32", args.keep_fp32 or None), ("--policy", args.policy),
+                        ("--controller", args.controller), ("--task-arg", args.task_arg or None),
+                        ("--batch-size", args.batch_size)):
+        if given is not None:
+            raise UsageError(f"verify --all runs the built-in recipes at their own settings; drop {flag} "
+                             "(use --recipes and --precisions to choose)")
+    if args.reference != "fp32":
+        raise UsageError(f"verify --all compares against fp32; --reference {args.reference!r} is not supported there")
+    from mixprec.report import prepare_report_dir
+
+    report_dir = prepare_report_dir(args.report, force=args.force) if args.report else None
+    out = sys.stderr if args.json == "-" else sys.stdout
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # every row says what ran (emulated or native)
+        doc = verify_all(args.recipes, args.precisions, size="tiny" if args.tiny else "default", steps=args.steps,
+                         seed=args.seed, emulate=args.emulate, device=args.device, report_dir=report_dir,
+                         log=lambda line: (out.write(line + "\n"), out.flush()))
+    doc["command"] = _parity_command(args)
+    if report_dir is not None:
+        from mixprec.runs.parity import write_table
+
+        write_table(doc, report_dir)
+    _write_json(args.json, doc)
+    out.write(render_summary(doc) + "\n")
+    if report_dir is not None:
+        out.write(f"report: {report_dir / 'index.html'} (and results.md, one report per recipe and precision)\n")
+    return EXIT_OK if doc["verdict"] == "PASS" else EXIT_FAILED
+
+
+def _parity_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this parity table (for docs/results.md)."""
+    parts = ["mixprec", "verify", "--all"]
+    for flag, value in (("--recipes", args.recipes), ("--precisions", args.precisions), ("--steps", args.steps)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.tiny:
+        parts.append("--tiny")
+    if args.seed:
+        parts += ["--seed", str(args.seed)]
+    if args.emulate != "auto":
+        parts += ["--emulate", args.emulate]
+    if args.device != "cpu":
+        parts += ["--device", args.device]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _verify_inference(args: argparse.Namespace) -> int:
@@ -466,7 +536,9 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     _check_json_target(args.json)
     rows = [
         {"name": r.name, "default": r.name == DEFAULT_RECIPE, "domain": r.domain, "model": r.model,
-         "data": r.data, "metric": r.metric, "description": r.description}
+         "data": r.data, "metric": r.metric, "description": r.description, "metric_key": r.metric_key,
+         "higher_is_better": r.higher_is_better,
+         "expected_fp32": list(r.expected_fp32) if r.expected_fp32 else None, "verify_steps": r.verify_steps}
         for r in RECIPES.values()
     ]
     if args.json != "-":

@@ -743,7 +743,7 @@ def prepare_report_dir(path: str | Path, force: bool = False) -> Path:
 
 
 def _is_mixprec_report(directory: Path) -> bool:
-    for name in ("demo.json", "report.json"):
+    for name in ("demo.json", "report.json", "results.json"):
         try:
             doc = json.loads((directory / name).read_text(encoding="utf-8"))
         except (OSError, ValueError, UnicodeDecodeError):

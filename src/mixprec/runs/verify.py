@@ -53,10 +53,25 @@ def verify(task: Task, candidate: Policy | str, *, reference: Policy | str = "fp
     The speed figure comes from ``timing_steps`` extra steps of each, interleaved step by
     step on the same batches (the training runs themselves run one after the other, so
     their step times carry warm-up and machine noise)."""
-    cand_policy, ref_policy = parse_policy(candidate), parse_policy(reference)
-    if cand_policy == ref_policy:
-        raise UsageError(f"the candidate equals the reference ({ref_policy.mode}): nothing to verify; "
-                         "give another --precision or --reference")
+    return verify_many(task, [candidate], reference=reference, steps=steps, seed=seed, noise_floor=noise_floor,
+                       loss_tolerance=loss_tolerance, metric_tolerance=metric_tolerance,
+                       noise_multiple=noise_multiple, timing_steps=timing_steps, device=device, **train_kwargs)[0]
+
+
+def verify_many(task: Task, candidates: list[Policy | str], *, reference: Policy | str = "fp32", steps: int = 60,
+                seed: int = 0, noise_floor: bool = False, loss_tolerance: float = DEFAULT_LOSS_TOLERANCE,
+                metric_tolerance: float = DEFAULT_METRIC_TOLERANCE, noise_multiple: float = DEFAULT_NOISE_MULTIPLE,
+                timing_steps: int = 8, device: str = "cpu", **train_kwargs: Any) -> list[dict[str, Any]]:
+    """:func:`verify` for several candidates against one reference: the reference run (and
+    the noise-floor run) happen once and every candidate is compared with them."""
+    ref_policy = parse_policy(reference)
+    cand_policies = [parse_policy(c) for c in candidates]
+    if not cand_policies:
+        raise UsageError("verify needs at least one candidate precision")
+    for cand_policy in cand_policies:
+        if cand_policy == ref_policy:
+            raise UsageError(f"the candidate equals the reference ({ref_policy.mode}): nothing to verify; "
+                             "give another --precision or --reference")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < MIN_STEPS:
         raise UsageError(f"verify needs steps >= {MIN_STEPS} to compare the end of the loss curves, got {steps!r}")
     for name, value in (("loss_tolerance", loss_tolerance), ("metric_tolerance", metric_tolerance),
@@ -64,40 +79,43 @@ def verify(task: Task, candidate: Policy | str, *, reference: Policy | str = "fp
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise UsageError(f"{name} must be a number > 0, got {value!r}")
 
+    docs = []
     with tempfile.TemporaryDirectory(prefix="mixprec-verify-") as tmp:
-        runs = {"reference": _run(task, ref_policy, steps, seed, device, Path(tmp) / "ref", train_kwargs),
-                "candidate": _run(task, cand_policy, steps, seed, device, Path(tmp) / "cand",
-                                  {"monitor_every": max(1, steps // GRADIENT_SNAPSHOTS), **train_kwargs,
-                                   "run_dir": Path(tmp) / "cand-run"})}
+        ref = _run(task, ref_policy, steps, seed, device, Path(tmp) / "ref", train_kwargs)
+        noise = None
         if noise_floor:
-            runs["noise"] = _run(task, ref_policy, steps, seed + 1, device, Path(tmp) / "noise", train_kwargs)
-        ref, cand = runs["reference"], runs["candidate"]
-        comparison = _compare(ref, cand)
-        noise = _compare(ref, runs["noise"]) if noise_floor else None
-
-    verdict, reasons = _verdict(cand["result"], comparison, noise, loss_tolerance, metric_tolerance, noise_multiple)
-    r, c = ref["result"], cand["result"]
-    return {
-        "schema": VERIFY_SCHEMA,
-        "task": task.name,
-        "reference": r["policy"],
-        "candidate": c["policy"],
-        "steps": steps,
-        "seed": seed,
-        "verdict": verdict,
-        "reasons": reasons,
-        "tolerances": {"loss": loss_tolerance, "metric": metric_tolerance, "noise_multiple": noise_multiple,
-                       "mode": "noise_floor" if noise_floor else "absolute"},
-        "losses": {"reference": r["losses"], "candidate": c["losses"]},
-        "comparison": comparison,
-        "noise_floor": noise,
-        "speed": _speed(task, ref_policy, cand_policy, c, seed, device, timing_steps),
-        "memory": _memory(task, ref_policy, cand_policy, seed, device),
-        "candidate_run": {**{k: c.get(k) for k in ("status", "diagnosis", "skipped_steps", "localizations",
-                                                   "decisions", "loss_scales", "monitor")},
-                          "monitor_ranges": monitor_ranges(cand["records"])},
-        "environment": environment(device),
-    }
+            noise = _compare(ref, _run(task, ref_policy, steps, seed + 1, device, Path(tmp) / "noise", train_kwargs))
+        for i, cand_policy in enumerate(cand_policies):
+            cand = _run(task, cand_policy, steps, seed, device, Path(tmp) / f"cand{i}",
+                        {"monitor_every": max(1, steps // GRADIENT_SNAPSHOTS), **train_kwargs,
+                         "run_dir": Path(tmp) / f"cand{i}-run"})
+            comparison = _compare(ref, cand)
+            verdict, reasons = _verdict(cand["result"], comparison, noise, loss_tolerance, metric_tolerance,
+                                        noise_multiple)
+            r, c = ref["result"], cand["result"]
+            docs.append({
+                "schema": VERIFY_SCHEMA,
+                "task": task.name,
+                "reference": r["policy"],
+                "candidate": c["policy"],
+                "steps": steps,
+                "seed": seed,
+                "verdict": verdict,
+                "reasons": reasons,
+                "tolerances": {"loss": loss_tolerance, "metric": metric_tolerance, "noise_multiple": noise_multiple,
+                               "mode": "noise_floor" if noise_floor else "absolute"},
+                "losses": {"reference": r["losses"], "candidate": c["losses"]},
+                "comparison": comparison,
+                "noise_floor": noise,
+                "speed": _speed(task, ref_policy, cand_policy, c, seed, device, timing_steps),
+                "memory": _memory(task, ref_policy, cand_policy, seed, device),
+                "candidate_run": {**{k: c.get(k) for k in ("status", "diagnosis", "skipped_steps", "localizations",
+                                                           "decisions", "loss_scales", "monitor")},
+                                  "monitor_ranges": monitor_ranges(cand["records"])},
+                "environment": environment(device),
+            })
+            del cand  # its gradients and weights are large; the next candidate needs the room
+    return docs
 
 
 GRADIENT_SNAPSHOTS = 10  # steps at which per-module gradients are compared
