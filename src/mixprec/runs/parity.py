@@ -17,6 +17,7 @@ not a claim about the format. ``emulate="never"`` runs every candidate natively.
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -134,6 +135,7 @@ def verify_all(recipes: Sequence[str] | str | None = None, precisions: Sequence[
         "probe": {"bf16_ratio_to_fp32": doc_probe["matmul"].get("bf16", {}).get("ratio_to_fp32"),
                   "measured_at": doc_probe.get("measured_at")},
         "wall_time_s": time.perf_counter() - wall,
+        "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": None,
         "environment": environment(device),
     }
@@ -222,6 +224,25 @@ def render_legend(doc: dict[str, Any]) -> str:
     ]) + "\n"
 
 
+def render_document(doc: dict[str, Any]) -> str:
+    """The whole ``results.md``: where and how it was measured, the table, its legend."""
+    env = doc["environment"]
+    flags = ", ".join(env.get("cpu_flags") or []) or "none detected"
+    machine = env.get("gpu_model") or f"{env.get('cpu_model')} CPU, {env.get('threads')} threads ({flags})"
+    lines = [
+        f"# mixprec parity table: {doc['verdict']}", "",
+        f"Measured {doc.get('finished_at') or 'n/a'} on {machine}; torch {env.get('torch')}, Python {env.get('python')}, "
+        f"mixprec {env.get('mixprec')}. Every recipe at its {'tiny test size' if doc['size'] == 'tiny' else 'defaults'}, "
+        f"seed {doc['seed']}; {doc['wall_time_s'] / 60:.1f} minutes in all.", "",
+        f"Command: `{doc.get('command') or 'mixprec verify --all'}`", "",
+        render_markdown(doc), render_legend(doc),
+    ]
+    fails = [(r["recipe"], m, c) for r in doc["rows"] for m, c in r["candidates"].items() if c["verdict"] != "PASS"]
+    if fails:
+        lines += ["## Failures", ""] + [f"- {recipe} {mode}: " + "; ".join(c["reasons"]) for recipe, mode, c in fails]
+    return "\n".join(lines) + "\n"
+
+
 def render_summary(doc: dict[str, Any]) -> str:
     lines = [f"verify --all: {len(doc['rows'])} recipes x {len(doc['precisions'])} precisions -> {doc['verdict']} "
              f"({doc['wall_time_s']:.0f} s)", "", render_markdown(doc)]
@@ -240,7 +261,7 @@ def write_table(doc: dict[str, Any], report_dir: str | Path) -> dict[str, Path]:
     directory = Path(report_dir)
     directory.mkdir(parents=True, exist_ok=True)
     md = directory / "results.md"
-    jsonio.write_atomic(md, "# mixprec parity table\n\n" + render_markdown(doc) + "\n" + render_legend(doc))
+    jsonio.write_atomic(md, render_document(doc))
     jsonio.write_atomic(directory / "results.json", jsonio.dumps(doc))
     cells = []
     for row in doc["rows"]:
