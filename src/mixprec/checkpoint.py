@@ -4,6 +4,9 @@ A checkpoint directory holds one ``last.pt``, replaced atomically (write a temp 
 the same directory, fsync it, rename over, fsync the directory), so a process killed at
 any moment leaves either the previous or the new checkpoint, never half of one. Loading
 uses ``torch.load(weights_only=True)``: everything saved is tensors and plain containers.
+
+Distributed runs (``--strategy ddp|fsdp``) write sharded checkpoints instead; see
+:mod:`mixprec.dist_checkpoint`.
 """
 
 from __future__ import annotations
@@ -45,8 +48,18 @@ def prepare_dir(directory: str | Path) -> Path:
 def save(directory: str | Path, payload: dict[str, Any]) -> Path:
     """Atomically write ``payload`` as the directory's checkpoint."""
     directory = Path(directory)
-    target = checkpoint_path(directory)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX)
+    target = save_file(checkpoint_path(directory), payload, prefix=_TMP_PREFIX)
+    _remove_stale_temps(directory)
+    return target
+
+
+def save_file(target: str | Path, payload: dict[str, Any], prefix: str | None = None) -> Path:
+    """Atomically write ``payload`` (tensors and plain containers) to ``target`` in the
+    mixprec checkpoint format: temp file in the same directory, fsync, rename, fsync the
+    directory. :func:`load` reads it back."""
+    target = Path(target)
+    directory = target.parent
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix or f".{target.name}.tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": CHECKPOINT_FORMAT, **payload}, f)
@@ -56,13 +69,33 @@ def save(directory: str | Path, payload: dict[str, Any]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(directory)  # make the rename itself durable
+    return target
+
+
+def write_text_atomic(target: str | Path, text: str) -> Path:
+    """Atomically replace ``target`` with ``text``: temp file, fsync, rename, fsync the directory."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+    return target
+
+
+def fsync_dir(directory: str | Path) -> None:
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    _remove_stale_temps(directory)
-    return target
 
 
 def _remove_stale_temps(directory: Path) -> None:

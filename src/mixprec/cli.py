@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--clip-grad-norm", type=_positive_float, default=None, metavar="X", help="clip the gradient norm (after unscaling)")
     t.add_argument("--seed", type=int, default=0, metavar="S")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    t.add_argument("--strategy", default="none", choices=("none", "ddp", "fsdp"),
+                   help="data parallel under torchrun: ddp or fsdp (FSDP2); --batch-size is then the global batch, "
+                        "split across ranks (default none: one process)")
     t.add_argument("--checkpoint-dir", default=None, metavar="DIR")
     t.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
                    help="checkpoint every N steps (and always at the end) when --checkpoint-dir is set")
@@ -259,12 +262,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from mixprec.distributed import check_strategy, launch_rank
     from mixprec.policy import policy_from_options
     from mixprec.runs.train import train
     from mixprec.taskref import load_task
 
-    _check_json_target(args.json)
+    check_strategy(args.strategy)
+    main_rank = launch_rank() == 0  # under torchrun only rank 0 prints and writes --json
+    if main_rank:
+        _check_json_target(args.json)
     auto = args.precision is not None and args.precision.strip().lower() == "auto"
+    if auto and args.strategy != "none":
+        raise UsageError("--precision auto with --strategy: autotune on one process first "
+                         "(mixprec autotune ... --output policy.yaml), then train with --policy policy.yaml")
     if not auto:
         policy = policy_from_options(args.precision, args.keep_fp32, args.policy, args.controller)
     task_args = _task_args(args)
@@ -290,16 +300,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda m, *a, **k: sys.stderr.write(f"mixprec: warning: {m}\n")
-        with TrainProgress(task.name, args.steps, enabled=not args.no_progress) as progress:
+        with TrainProgress(task.name, args.steps, enabled=main_rank and not args.no_progress) as progress:
             result = train(
                 task, policy, steps=args.steps, accumulate=args.accumulate, clip_grad_norm=args.clip_grad_norm,
                 seed=args.seed, device=args.device, checkpoint_dir=args.checkpoint_dir,
                 checkpoint_every=args.checkpoint_every, resume=args.resume, monitor_every=args.monitor_every,
                 monitor_formats=_split(args.monitor_formats), run_dir=args.run_dir, tensorboard=args.tensorboard,
-                on_step=progress.update,
+                on_step=progress.update if main_rank else None, strategy=args.strategy,
             )
-    _write_json(args.json, result)
-    out.write(summary(result) + "\n")
+    if main_rank:
+        _write_json(args.json, result)
+        out.write(summary(result) + "\n")
     return EXIT_OK if result["status"] == "completed" else EXIT_FAILED
 
 
@@ -337,6 +348,10 @@ def summary(result: dict[str, Any]) -> str:
     )
     if result["resumed_from_step"] is not None:
         lines.append(f"  resumed from step {result['resumed_from_step']}")
+    dist = result.get("distributed")
+    if dist:
+        lines.append(f"  data parallel: {dist['strategy']} over {dist['world_size']} rank(s) ({dist['backend']}), "
+                     "the loss is the mean over ranks")
     share = result.get("low_precision_flop_share")
     if share is not None and p["mode"] not in ("fp32", "tf32"):
         low = "fp8_e4m3 or bf16" if p["mode"] == "fp8-mixed" else p["compute_format"]

@@ -15,6 +15,16 @@ weights, unscale with GradScaler's kernel, clip by norm after unscaling, the fin
 check, step or skip each optimizer, scale update, zero the gradients. It synchronizes
 with the device once (one small tensor copied to the host) and returns a
 :class:`StepResult`.
+
+Data parallel (``strategy="ddp"`` or ``"fsdp"``, in a process group; see
+:mod:`mixprec.distributed`): ``setup`` wraps the model (DDP) or shards it (FSDP2, the
+policy mapped to ``MixedPrecisionPolicy`` per module) and returns the wrapped model;
+``autocast`` turns gradient sync off on the micro-batches that do not end a window; and
+``step`` all-reduces the found-inf flags and the window's loss in one small tensor before
+its one host sync, so every rank steps or skips together and the loss scale stays
+identical on every rank. In fp16 the scaler unscales each rank's local gradient shards
+and the all-reduced flag decides (what ``ShardedGradScaler`` does); clipping uses the
+global norm (``clip_grad_norm_`` over FSDP's DTensor gradients reduces across shards).
 """
 
 from __future__ import annotations
@@ -91,8 +101,14 @@ class Engine:
         accumulate: int = 1,
         clip_grad_norm: float | None = None,
         device: str | torch.device | None = None,
+        strategy: str = "none",
     ) -> None:
         self.policy = parse_policy(policy)
+        if strategy not in ("none", "ddp", "fsdp"):
+            raise UsageError(f"unknown strategy {strategy!r}; valid: none, ddp, fsdp")
+        self.strategy = strategy
+        self.world_size = 1  # ranks in the process group (set by setup for ddp/fsdp)
+        self.rank = 0
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise UsageError(f"accumulate must be an integer >= 1, got {accumulate!r}")
         if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
@@ -102,7 +118,9 @@ class Engine:
         self._device = torch.device(device) if device is not None else None
         self.scaler = LossScaler(self.policy.scaler, enabled=self.policy.loss_scaling)
         self._plugin: Plugin | None = None
-        self._models: list[nn.Module] = []
+        self._models: list[nn.Module] = []  # as the user built them (names without DDP's "module.")
+        self._wrapped: list[nn.Module] = []  # their DDP wrappers / FSDP-sharded selves
+        self._fsdp_units: dict[str, str] = {}  # fully_shard unit -> its MixedPrecisionPolicy param dtype
         self._slots: list[_Slot] = []
         self._hooks: list[Any] = []
         self._fp32_roots: list[list[str]] = []  # per model: the outermost modules rules pin to fp32
@@ -127,10 +145,23 @@ class Engine:
 
         Applies per-module rules, converts parameters in the true modes and gives the
         optimizers fp32 master weights. Returns ``model`` or ``(model, *optimizers)``, the
-        same objects, so the call reads like Fabric's.
+        same objects, so the call reads like Fabric's; with ``strategy="ddp"`` the model
+        comes back wrapped in ``DistributedDataParallel``, with ``"fsdp"`` sharded in place
+        by ``fully_shard`` (the optimizers then hold its sharded parameters).
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"setup() expects an nn.Module first, got {type(model).__name__}")
+        if self.strategy != "none":
+            from mixprec.distributed import require_group
+
+            self.rank, self.world_size = require_group(self.strategy)
+            if self._models:
+                raise UsageError(f"strategy {self.strategy!r} takes one model per engine")
+            if self.strategy == "fsdp" and self.policy.mode_info.kind not in ("full", "mixed"):
+                raise UsageError(
+                    f"strategy 'fsdp' does not run {self.policy.mode!r}: FSDP2 keeps sharded fp32 master weights itself "
+                    "and casts them per module (MixedPrecisionPolicy), which is what the *-mixed modes map to; use "
+                    "fp32, bf16-mixed or fp16-mixed with fsdp, or strategy 'ddp' for the true, fp8 and emulated modes")
         for opt in optimizers:
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError(f"setup() expects torch.optim.Optimizer objects, got {type(opt).__name__}")
@@ -159,6 +190,7 @@ class Engine:
         self._hooks += plugin.convert_module(model, roots)
         self._fp32_roots.append(roots)
         self._models.append(model)
+        wrapped = self._distribute(model, roots, optimizers)
 
         model_params = {id(p): p for p in model.parameters()}
         position = {id(p): i for i, p in enumerate(model_params.values())}
@@ -178,7 +210,37 @@ class Engine:
                 group["params"] = swapped
             slot.ordered = [p for _, p in sorted(placed, key=lambda item: item[0])]
             self._slots.append(slot)
-        return model if not optimizers else (model, *optimizers)
+        return wrapped if not optimizers else (wrapped, *optimizers)
+
+    def _distribute(self, model: nn.Module, roots: list[str], optimizers: Sequence[torch.optim.Optimizer]) -> nn.Module:
+        """Wrap (DDP) or shard (FSDP2) ``model``; under FSDP point the optimizers at the
+        sharded parameters that replaced the model's own."""
+        if self.strategy == "none":
+            return model
+        from mixprec import distributed
+
+        if self.strategy == "ddp":
+            wrapped = distributed.wrap_ddp(model, self.device)
+        else:
+            before = {}
+            for name, p in model.named_parameters(remove_duplicate=False):
+                before.setdefault(id(p), name)
+            mode = self.policy.mode_info
+            low = self._plugin.dtype if mode.kind == "mixed" and self._plugin is not None else None
+            units = distributed.shard_model(model, roots, low, self.device)
+            low_name = self.policy.mode_info.compute if low is not None else "fp32"
+            self._fsdp_units = {(u or "<root>"): ("fp32" if u in roots else low_name) for u in units}
+            after = dict(model.named_parameters(remove_duplicate=False))
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    try:
+                        group["params"] = [after[before[id(p)]] for p in group["params"]]
+                    except KeyError:
+                        raise UsageError("strategy 'fsdp': the optimizer holds a parameter that is not the model's") from None
+            self._param_names = {id(p): name for name, p in after.items()}
+            wrapped = model
+        self._wrapped.append(wrapped)
+        return wrapped
 
     def _plugin_for_device(self) -> Plugin:
         if self._plugin is None:
@@ -204,8 +266,11 @@ class Engine:
         on micro-batches that do not end an accumulation window."""
         plugin = self._plugin_for_device()
         with contextlib.ExitStack() as stack:
-            if self.accumulating:
-                for model in self._models:
+            if self.strategy == "fsdp":
+                for model in self._wrapped:  # FSDP2 has no no_sync: the same switch, per micro-batch
+                    model.set_requires_gradient_sync(not self.accumulating)
+            elif self.accumulating:
+                for model in self._wrapped + self._models:
                     if hasattr(model, "no_sync"):
                         stack.enter_context(model.no_sync())
             stack.enter_context(plugin.forward_context())
@@ -242,7 +307,8 @@ class Engine:
             for p in params:
                 if p.grad.is_sparse and p.grad.dtype == torch.float16:
                     p.grad = p.grad.coalesce()  # as GradScaler: duplicates could overflow once summed
-            found = self.scaler.unscale_([p.grad for p in params])
+            grads = [p.grad for p in params] if self.strategy != "fsdp" else [_local(p.grad) for p in params]
+            found = self.scaler.unscale_(grads)
             if self.grad_observer is not None:
                 self.grad_observer(self.steps + 1, {self._param_names.get(id(p), f"param{i}"): p
                                                     for i, p in enumerate(params)})
@@ -261,13 +327,26 @@ class Engine:
             loss_ok, loss_mean = torch.tensor(True), torch.tensor(float("nan"))
         self._window_losses = []
 
+        # Under FSDP without clipping the norm is of this rank's shards: its square is summed
+        # across ranks with the flags. Otherwise it is the same on every rank.
+        local_norm = norm is not None and self.world_size > 1 and self.strategy == "fsdp" and self.clip_grad_norm is None
+        packet = torch.cat([f.to(self.device) for f in flags] + [
+            (~loss_ok).reshape(1).float().to(self.device),
+            loss_mean.reshape(1).float().to(self.device),
+        ] + ([norm.reshape(1).float().square()] if local_norm else []))
+        if self.world_size > 1:
+            # One all-reduce of the flags and the loss: every rank steps or skips together.
+            from mixprec.distributed import all_reduce_sum
+
+            all_reduce_sum(packet)
         # The one host-device synchronization of this step.
-        values = torch.cat([f.to(self.device) for f in flags] + [
-            (norm if norm is not None else torch.zeros((), device=self.device)).reshape(1).float(),
-            loss_ok.reshape(1).float().to(self.device),
-            loss_mean.reshape(1).to(self.device),
-        ]).tolist()
-        *found_inf, norm_value, loss_finite, loss_value = values
+        values = torch.cat([packet, _local(norm if norm is not None and not local_norm
+                                           else torch.zeros((), device=self.device)).reshape(1).float().to(self.device)]).tolist()
+        found_inf, (loss_bad, loss_value), rest = values[:len(flags)], values[len(flags):len(flags) + 2], values[len(flags) + 2:]
+        norm_value = rest[0] ** 0.5 if local_norm else rest[-1]
+        loss_finite = not loss_bad
+        if self.world_size > 1:
+            loss_value /= self.world_size  # the mean over ranks: each rank's loss is a mean over equal rows
         loss_value = loss_value if had_losses else None
         found = [bool(f) for f in found_inf]
 
@@ -301,12 +380,13 @@ class Engine:
         if not params:
             return None
         if self.clip_grad_norm is not None:
-            return torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            # Over FSDP's DTensor gradients the total norm is the global one (a replicated DTensor).
+            return _local(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm))
         if self.scaler.enabled:
             return None  # the unscale kernel already checked finiteness; skip a pass
         # No scaling and no clipping: the finite check costs one read of the gradients,
         # and the norm comes with it.
-        grads = [p.grad for p in params]
+        grads = [_local(p.grad) for p in params]
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def _select(self, optimizers: Sequence[torch.optim.Optimizer]) -> list[_Slot]:
@@ -348,6 +428,10 @@ class Engine:
         decisions = list(decisions)
         if not decisions:
             return
+        if self.strategy == "fsdp":
+            raise UsageError("controllers change precision per module during training; under strategy 'fsdp' each "
+                             "module's parameter dtype is fixed by fully_shard at setup: use the static controller, "
+                             "or strategy 'ddp'")
         plugin = self._plugin_for_device()
         if not plugin.supports_dynamic_islands:
             raise UsageError(f"controllers change precision per module during training, which needs a *-mixed mode; "
@@ -405,6 +489,12 @@ class Engine:
             "controller": self.policy.controller.name,
             **({"fp8_modules": list(self._plugin.fp8_modules), "fp8_skipped": dict(self._plugin.skipped)}
                if self.policy.mode_info.kind == "fp8" and self._plugin is not None else {}),
+            # Under FSDP each unit's parameters are gathered in its param dtype (gradients reduced
+            # in fp32): outside the fp32 rules the modules compute with low-precision weights.
+            **({"strategy": self.strategy, "world_size": self.world_size,
+                **({"fsdp_param_dtypes": dict(self._fsdp_units), "fsdp_reduce_dtype": "fp32"}
+                   if self.strategy == "fsdp" else {})}
+               if self.strategy != "none" else {}),
         }
 
     @property
@@ -482,6 +572,11 @@ def _check_ties(model: nn.Module, roots: list[str], fp32_params: set[int]) -> No
                     f"{name}.{pname} is tied to a parameter of {owner!r}, which a rule keeps in fp32; in the true "
                     f"modes a tied weight has one dtype: keep both {name!r} and {owner!r} in fp32, or neither"
                 )
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2 gradients, replicated norms), else ``t`` itself."""
+    return t.to_local() if type(t).__name__ == "DTensor" else t
 
 
 def _finite(x: float) -> bool:

@@ -65,6 +65,15 @@ strict JSON (non-finite floats become ``None``).
 
 Attach after ``engine.setup``: the hooks then observe what the rest of the model receives
 (for instance an fp32 island's output after it is cast back down in the true modes).
+
+Data parallel runs: each rank records its own micro-batch slices; :func:`merge_rank_records`
+combines the ranks' records of a step into one (max over ranks for ``amax``,
+``input_amax`` and the non-finite counts, the mean over ranks for the fractions and
+``mean_abs``: every rank sees equally many values) and lists the ranks that saw
+non-finite values (``nonfinite_ranks``); :func:`first_nonfinite_across_ranks` says which
+rank saw the first one. Under DDP the gradients are each rank's own (before DDP averages
+them); under FSDP2 they are each rank's shard of the reduce-scattered (averaged)
+gradient, so the merged ``amax`` is the global one.
 """
 
 from __future__ import annotations
@@ -96,6 +105,8 @@ __all__ = [
     "summarize",
     "render_summary",
     "load_records",
+    "merge_rank_records",
+    "first_nonfinite_across_ranks",
 ]
 
 # Measured on the lm recipe (bf16 autocast, 2-core CPU): an armed step costs ~1.5x an
@@ -249,6 +260,8 @@ class _Scratch:
 def _dense(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     """``x`` detached and dense, and the dtype its values come from (picks the layout)."""
     x = x.detach()
+    if type(x).__name__ == "DTensor":  # an FSDP2 gradient: this rank's shard
+        x = x.to_local()
     if x.is_sparse:
         x = x._values()
     return x, (x.dtype if x.dtype in _KNOWN else torch.float32)
@@ -547,6 +560,8 @@ class Monitor:
             return
         with torch.no_grad():
             x, dtype = _dense(grad)
+            if x.numel() == 0:  # an empty FSDP shard
+                return
             slot.layout = self._plan.grad[dtype]
             slot.vector = _grad_stats(x, slot.layout, self._scratch)  # the last call: the accumulated gradient
         slot.numel = x.numel()
@@ -733,6 +748,55 @@ def first_nonfinite_backward(record: dict) -> dict | None:
     order, name, p = min(hits, key=lambda h: h[0])
     return {"param": name, "module": p.get("module"), "order": order, "nonfinite": p.get("nonfinite"),
             "step": record.get("step")}
+
+
+def merge_rank_records(records: Sequence[dict]) -> dict:
+    """One record from the ranks' records of the same step (see the module docstring)."""
+    if len(records) == 1:
+        return records[0]
+    base = json.loads(json.dumps(records[0]))  # a deep copy of plain JSON data
+    base["world_size"] = len(records)
+    for section in ("modules", "params"):
+        merged: dict[str, dict] = {}
+        names = list(base.get(section, {}))
+        for r in records[1:]:
+            names += [n for n in r.get(section, {}) if n not in names]
+        for name in names:
+            entries = [(rank, r[section][name]) for rank, r in enumerate(records) if name in r.get(section, {})]
+            out = json.loads(json.dumps(entries[0][1]))
+            for key in ("amax", "input_amax", "nonfinite", "input_nonfinite"):
+                values = [e.get(key) for _, e in entries if e.get(key) is not None]
+                if key in out:
+                    out[key] = max(values) if values else None
+            means = [e.get("mean_abs") for _, e in entries if e.get("mean_abs") is not None]
+            if "mean_abs" in out:
+                out["mean_abs"] = sum(means) / len(means) if means else None
+            for fmt, stats in out.get("formats", {}).items():
+                for key in stats:
+                    values = [e["formats"][fmt][key] for _, e in entries
+                              if e.get("formats", {}).get(fmt, {}).get(key) is not None]
+                    stats[key] = sum(values) / len(values) if values else None
+            bad = [rank for rank, e in entries if (e.get("nonfinite") or 0) > 0]
+            if bad:
+                out["nonfinite_ranks"] = bad
+            merged[name] = out
+        base[section] = merged
+    return base
+
+
+def first_nonfinite_across_ranks(records: Sequence[dict]) -> tuple[dict | None, dict | None]:
+    """(forward, backward) as :func:`first_nonfinite_forward`/``_backward`` over the ranks'
+    records of one step, each with the ``rank`` that saw it first (the smallest ``order``,
+    ties to the lower rank) and ``ranks``: every rank that saw a non-finite value in that pass."""
+    out = []
+    for find in (first_nonfinite_forward, first_nonfinite_backward):
+        hits = [(h["order"], rank, h) for rank, h in ((rank, find(r)) for rank, r in enumerate(records)) if h]
+        if not hits:
+            out.append(None)
+            continue
+        _, rank, hit = min(hits, key=lambda h: (h[0], h[1]))
+        out.append({**hit, "rank": rank, "ranks": sorted(r for _, r, _ in hits)})
+    return out[0], out[1]
 
 
 def _num(x: float | None) -> str:

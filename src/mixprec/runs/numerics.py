@@ -5,6 +5,12 @@ The monitor observes; the controller decides from what it saw; the engine applie
 A step that goes non-finite on an unsampled step is replayed once with the monitor armed
 (same batches, same RNG state, same loss scale) so localization always has the numbers,
 while unsampled steps that stay finite cost nothing extra.
+
+Data parallel runs: the monitor samples the same steps on every rank (skipped steps are
+agreed across ranks), and each sampled record is gathered from all ranks and merged
+(:func:`mixprec.monitor.merge_rank_records`) on every rank, so the controller takes the
+same decisions everywhere; localization names the rank that saw the first non-finite
+value. Only rank 0 writes the JSONL stream and TensorBoard.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from mixprec.flops import low_precision_share, own_flops
 from mixprec.jsonio import write_atomic
 from mixprec.monitor import (
     DEFAULT_EVERY, JsonlWriter, Monitor, TensorBoardWriter, describe, first_nonfinite_backward,
-    first_nonfinite_forward, summarize,
+    first_nonfinite_forward, first_nonfinite_across_ranks, merge_rank_records, summarize,
 )
 from mixprec.policy import Policy
 from mixprec.task import Task
@@ -35,8 +41,10 @@ MONITOR_FILE = "monitor.jsonl"
 class RunNumerics:
     def __init__(self, task: Task, model: nn.Module, engine: Engine, policy: Policy, *,
                  every: int | None, formats: list[str] | None, run_dir: str | Path | None,
-                 tensorboard: str | Path | None) -> None:
+                 tensorboard: str | Path | None, dist: Any = None) -> None:
         self.task, self.model, self.engine, self.policy = task, model, engine, policy
+        self.world_size = getattr(dist, "world_size", 1)
+        self._rank_records: list[dict[str, Any]] | None = None
         mode = policy.mode_info
         self.low_format = mode.compute if mode.low_precision else "fp16"
         if every is None:
@@ -147,9 +155,15 @@ class RunNumerics:
         if self._armed_step == step:
             record = self.monitor.collect(step, result.loss_scale, self._extra(result))
         localization = None
+        if result.skipped and record is None:
+            record = self._replay(step, result)
+        self._rank_records = None
+        if record is not None and self.world_size > 1:
+            from mixprec.distributed import all_gather_objects
+
+            self._rank_records = all_gather_objects(record)
+            record = merge_rank_records(self._rank_records)
         if result.skipped:
-            if record is None:
-                record = self._replay(step, result)
             localization = self._localize(step, result, record)
         if record is not None:
             self.records.append(record)
@@ -202,11 +216,19 @@ class RunNumerics:
         return record
 
     def _localize(self, step: int, result: StepResult, record: dict[str, Any]) -> dict[str, Any]:
-        forward = first_nonfinite_forward(record)
-        backward = first_nonfinite_backward(record)
+        if self._rank_records is not None:
+            forward, backward = first_nonfinite_across_ranks(self._rank_records)
+        else:
+            forward, backward = first_nonfinite_forward(record), first_nonfinite_backward(record)
         blamed = forward["module"] if forward else backward["module"] if backward else None
+        message = describe(forward, backward, self.low_format)
+        first = forward or backward
+        if first is not None and "rank" in first:
+            message = f"rank {first['rank']} of {self.world_size}: {message}"
         loc = {"step": step, "reason": result.reason, "forward": forward, "backward": backward, "blamed": blamed,
-               "message": describe(forward, backward, self.low_format)}
+               "message": message}
+        if first is not None and "rank" in first:
+            loc["rank"] = first["rank"]
         self.localizations.append(loc)
         return loc
 

@@ -1,6 +1,12 @@
 """The train run: a Task under a Policy for N optimizer steps, with checkpoints and resume.
 
 Knows nothing of argparse: the CLI parses, calls :func:`train`, prints and exits.
+
+With ``strategy="ddp"`` or ``"fsdp"`` the same run goes data parallel under torchrun (see
+:mod:`mixprec.distributed`): each rank trains on its slice of every global batch, rank 0
+alone writes the run dir, TensorBoard and ``train.json``, and checkpoints are sharded
+DCP checkpoints (:mod:`mixprec.dist_checkpoint`). When torchrun restarts the workers
+(``--max-restarts``) and the checkpoint dir holds a checkpoint, the run resumes from it.
 """
 
 from __future__ import annotations
@@ -17,12 +23,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mixprec import checkpoint, jsonio
+from mixprec import checkpoint, distributed, jsonio
 from mixprec.engine import NONFINITE_LOSS, Engine, StepResult
 from mixprec.environment import environment, resolve_device
 from mixprec.errors import UsageError
 from mixprec.policy import Policy, parse_policy
-from mixprec.runs.numerics import RunNumerics
+from mixprec.runs.numerics import MONITOR_FILE, RunNumerics
 from mixprec.runs.numerics import check_options as check_numerics_options
 from mixprec.task import Task, build_optimizers
 
@@ -62,6 +68,7 @@ def train(
     tensorboard: str | Path | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
     grad_observer: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    strategy: str = "none",
 ) -> dict[str, Any]:
     """Train ``task`` under ``policy``; return the ``mixprec.train/1`` result document.
 
@@ -73,6 +80,11 @@ def train(
     0 turns it off) and on every step that goes non-finite, which it localizes to a module.
     ``run_dir`` receives the monitor's JSONL stream, ``tensorboard`` event files. The
     policy's controller (``static`` by default) acts on what the monitor saw.
+
+    ``strategy`` ``"ddp"``/``"fsdp"``: data parallel over the torchrun process group (a
+    1-rank group without torchrun); the task's batches are global batches, split by rows
+    across ranks. Every rank returns the document; only rank 0 writes files other than
+    the checkpoint shards.
     """
     if not isinstance(task, Task):
         raise TypeError(f"train() expects a mixprec.Task, got {type(task).__name__}")
@@ -85,31 +97,73 @@ def train(
         raise UsageError(f"monitor_every must be an integer >= 0 (0 = off), got {monitor_every!r}")
     policy = parse_policy(policy)
     device = resolve_device(device)
+    distributed.check_strategy(strategy)
+    if strategy == "fsdp" and policy.controller.name != "static":
+        raise UsageError(f"controller {policy.controller.name!r} changes precision per module during training; under "
+                         "--strategy fsdp each module's parameter dtype is fixed by fully_shard: use the static "
+                         "controller, or --strategy ddp")
+    if strategy != "none" and policy.mode_info.kind == "true" and checkpoint_dir is not None:
+        raise UsageError(f"--checkpoint-dir with --strategy {strategy} and {policy.mode!r} is not supported: the optimizer "
+                         "holds fp32 master copies outside the model, which distributed checkpoints do not map; use "
+                         "bf16-mixed or fp16-mixed (fp32 parameters) for distributed runs with checkpoints")
     config = {"seed": seed, "accumulate": accumulate, "clip_grad_norm": clip_grad_norm}
+    dist_info, device = distributed.init(strategy, device)
+    try:
+        return _train(task, policy, dist_info, config, steps=steps, accumulate=accumulate,
+                      clip_grad_norm=clip_grad_norm, seed=seed, device=device, checkpoint_dir=checkpoint_dir,
+                      checkpoint_every=checkpoint_every, resume=resume, monitor_every=monitor_every,
+                      monitor_formats=monitor_formats, run_dir=run_dir, tensorboard=tensorboard, on_step=on_step,
+                      grad_observer=grad_observer)
+    finally:
+        distributed.shutdown(dist_info)
 
-    check_numerics_options(policy, monitor_every, monitor_formats, run_dir, tensorboard, resume)
-    saved = _open_checkpoint_dir(checkpoint_dir, resume, task, policy, config)
+
+def _train(task: Task, policy: Policy, dist_info: distributed.DistInfo, config: dict[str, Any], *, steps: int,
+           accumulate: int, clip_grad_norm: float | None, seed: int, device: torch.device,
+           checkpoint_dir: str | Path | None, checkpoint_every: int | None, resume: bool,
+           monitor_every: int | None, monitor_formats: list[str] | None, run_dir: str | Path | None,
+           tensorboard: str | Path | None, on_step: Callable[[StepEvent], None] | None,
+           grad_observer: Callable[[int, dict[str, torch.Tensor]], None] | None) -> dict[str, Any]:
+    rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
+    if checkpoint_dir is not None and not resume and distributed.restart_count() > 0 \
+            and _has_checkpoint(checkpoint_dir, dist_info):
+        resume = True  # torchrun restarted the workers: continue from the last checkpoint
+    # Only rank 0 refuses a run dir that already holds a run: the others may look after it started writing.
+    check_numerics_options(policy, monitor_every, monitor_formats, run_dir, tensorboard, resume or not main)
+    saved = _open_checkpoint_dir(checkpoint_dir, resume, task, policy, config, dist_info)
+    if not main:
+        run_dir = tensorboard = None
 
     _seed_everything(seed)
     model = task.build_model().to(device)
+    if rank > 0:
+        _seed_everything(seed + rank)  # different dropout masks per rank; rank 0 keeps the 1-process stream
     optimizers = build_optimizers(task, model)
-    engine = Engine(policy, accumulate=accumulate, clip_grad_norm=clip_grad_norm, device=device)
-    engine.setup(model, *optimizers)
+    engine = Engine(policy, accumulate=accumulate, clip_grad_norm=clip_grad_norm, device=device,
+                    strategy=dist_info.strategy)
+    wrapped = engine.setup(model, *optimizers)[0]  # DDP wrapper, or the FSDP-sharded model itself
     engine.grad_observer = grad_observer  # verify compares gradients through it
     numerics = RunNumerics(task, model, engine, policy, every=monitor_every, formats=monitor_formats,
-                           run_dir=run_dir, tensorboard=tensorboard)
+                           run_dir=run_dir, tensorboard=tensorboard, dist=dist_info)
 
     start = 0
     losses: list[float | None] = []
     scales: list[float] = []  # the loss scale each step's gradients carried
     skipped: list[dict[str, Any]] = []
     batches = task.train_batches(seed)
-    if saved is not None:
+    saved_rng = None
+    if saved is not None and dist_info.enabled:
+        from mixprec import dist_checkpoint
+
+        saved_rng = dist_checkpoint.load(checkpoint_dir, dist_info, model, optimizers, saved)
+    elif saved is not None:
         model.load_state_dict(saved["model"])
         if len(saved["optimizers"]) != len(optimizers):
             raise UsageError(f"checkpoint holds {len(saved['optimizers'])} optimizer states, the task builds {len(optimizers)}")
         for optimizer, state in zip(optimizers, saved["optimizers"]):
             optimizer.load_state_dict(state)
+        saved_rng = saved["rng"]
+    if saved is not None:
         engine.load_state_dict(saved["engine"])
         start = int(saved["step"])
         losses = list(saved["history"]["losses"])
@@ -121,10 +175,13 @@ def train(
     first = next(batches, None)
     if first is not None:
         batches = itertools.chain([first], batches)
+        first = distributed.shard_batch(first, rank, world)  # a batch that does not split fails here, early
+    if saved is None and distributed.restart_count() > 0 and run_dir is not None:
+        (Path(run_dir) / MONITOR_FILE).unlink(missing_ok=True)  # written by the attempt torchrun replaced
     numerics.start(saved["numerics"] if saved is not None else None, first, start)
     if saved is not None:
         # After the replay and the FLOP count, in case they draw from the global RNG.
-        checkpoint.set_rng_state(saved["rng"])
+        checkpoint.set_rng_state(saved_rng)
 
     times: list[float] = []
     status, diagnosis = "completed", None
@@ -137,12 +194,12 @@ def train(
         numerics.before_window(step)
         for _ in range(accumulate):
             try:
-                batch = next(batches)
+                batch = distributed.shard_batch(next(batches), rank, world)
             except StopIteration:
                 raise UsageError(f"task {task.name!r}: train_batches ran out of data at step {step}; it must yield at least steps x accumulate batches") from None
             numerics.add_batch(batch)
             with engine.autocast():
-                loss = task.loss(model, batch)
+                loss = task.loss(wrapped, batch)
             engine.backward(loss)
             result = engine.step()
         localization = numerics.after_step(step, result)
@@ -170,7 +227,7 @@ def train(
             status != "completed" or step == steps or (checkpoint_every and step % checkpoint_every == 0)
         ):
             _save(checkpoint_dir, task, policy, config, step, model, optimizers, engine,
-                  {"losses": losses, "loss_scales": scales, "skipped": skipped}, numerics)
+                  {"losses": losses, "loss_scales": scales, "skipped": skipped}, numerics, dist_info)
         if status != "completed":
             break
     wall = time.perf_counter() - wall
@@ -197,6 +254,7 @@ def train(
         "accumulate": accumulate,
         "clip_grad_norm": clip_grad_norm,
         "seed": seed,
+        "distributed": dist_info.to_dict() if dist_info.enabled else None,
         "optimizer_steps": step - len(skipped),
         "skipped_steps": skipped,
         "first_loss": finite[0] if finite else None,
@@ -213,7 +271,7 @@ def train(
         **numerics.report(),
         "environment": environment(device),
     }
-    if run_dir is not None:
+    if run_dir is not None:  # None on ranks other than 0
         jsonio.write_atomic(Path(run_dir) / TRAIN_FILE, jsonio.dumps(result))
     return result
 
@@ -235,23 +293,39 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def _has_checkpoint(directory: str | Path, dist_info: distributed.DistInfo) -> bool:
+    from mixprec import dist_checkpoint
+
+    return (dist_checkpoint.exists(directory) if dist_info.enabled
+            else checkpoint.checkpoint_path(directory).exists())
+
+
 def _open_checkpoint_dir(directory: str | Path | None, resume: bool, task: Task, policy: Policy,
-                         config: dict[str, Any]) -> dict[str, Any] | None:
+                         config: dict[str, Any], dist_info: distributed.DistInfo) -> dict[str, Any] | None:
+    from mixprec import dist_checkpoint
+
     if directory is None:
         if resume:
             raise UsageError("resume needs a checkpoint directory (--checkpoint-dir DIR)")
         return None
     directory = checkpoint.prepare_dir(directory)
-    path = checkpoint.checkpoint_path(directory)
+    single, dist_pointer = checkpoint.checkpoint_path(directory), dist_checkpoint.pointer_path(directory)
+    path = dist_pointer if dist_info.enabled else single
     if not resume:
-        if path.exists():
+        if single.exists() or dist_pointer.exists():
             raise UsageError(
                 f"{str(directory)!r} already holds a checkpoint; pass --resume to continue it, or choose an empty directory"
             )
         return None
     if not path.exists():
+        other = single if dist_info.enabled else dist_pointer
+        if other.exists():
+            was = "a distributed run (--strategy ddp|fsdp)" if other == dist_pointer else "a single-process run"
+            hint = ("resume it with --strategy ddp or fsdp (under torchrun, or as one process)"
+                    if other == dist_pointer else "resume it with --strategy none")
+            raise UsageError(f"the checkpoint in {str(directory)!r} was written by {was}; {hint}")
         raise UsageError(f"nothing to resume: no checkpoint in {str(directory)!r} (expected {path.name})")
-    saved = checkpoint.load(path)
+    saved = dist_checkpoint.load_meta(directory) if dist_info.enabled else checkpoint.load(path)
     if saved.get("task") != task.name:
         raise UsageError(f"checkpoint {str(path)!r} is of task {saved.get('task')!r}, not {task.name!r}")
     if saved.get("policy") != policy.to_dict():
@@ -267,7 +341,21 @@ def _open_checkpoint_dir(directory: str | Path | None, resume: bool, task: Task,
 
 def _save(directory: str | Path, task: Task, policy: Policy, config: dict[str, Any], step: int,
           model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], engine: Engine,
-          history: dict[str, list[Any]], numerics: RunNumerics) -> None:
+          history: dict[str, list[Any]], numerics: RunNumerics, dist_info: distributed.DistInfo) -> None:
+    if dist_info.enabled:
+        from mixprec import dist_checkpoint
+
+        dist_checkpoint.save(directory, dist_info, {
+            "task": task.name,
+            "policy": policy.to_dict(),
+            "config": config,
+            "step": step,
+            "batches_consumed": step * engine.accumulate,
+            "engine": engine.state_dict(),
+            "history": history,
+            "numerics": numerics.state_dict(),
+        }, model, optimizers, attempt=distributed.restart_count())
+        return
     checkpoint.save(directory, {
         "task": task.name,
         "policy": policy.to_dict(),
