@@ -835,3 +835,33 @@ def test_sync_counter_would_notice_extra_syncs():
         torch.ones(()).item()
         torch.nn.utils.clip_grad_norm_([nn.Parameter(torch.ones(2))], 1.0)
     assert len(calls) == 1
+
+
+def test_tf32_covers_the_backward_matmuls_too(monkeypatch):
+    """tf32 is a switch on the matmul backend: the backward pass (two thirds of the FLOPs)
+    must run with it on as well, and it is restored afterwards."""
+    import mixprec.precision as precision
+
+    monkeypatch.setattr(precision, "_cuda_has_tf32", lambda device: True)  # pretend: no GPU here
+    seen = {}
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen["forward"] = torch.backends.cuda.matmul.allow_tf32
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen["backward"] = torch.backends.cuda.matmul.allow_tf32
+            return g
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    model = nn.Linear(4, 1)
+    engine = Engine("tf32")
+    engine.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with engine.autocast():
+        loss = Probe.apply(model(torch.randn(3, 4))).sum()
+    engine.backward(loss)
+    assert seen == {"forward": True, "backward": True}
+    assert torch.backends.cuda.matmul.allow_tf32 == before

@@ -283,7 +283,8 @@ class Engine:
         self._window_losses.append(loss.detach())
         if self.accumulate > 1:
             loss = loss / self.accumulate
-        self.scaler.scale_loss(loss).backward(**kwargs)
+        with self._plugin_for_device().backward_context():
+            self.scaler.scale_loss(loss).backward(**kwargs)
 
     def step(self, *optimizers: torch.optim.Optimizer) -> StepResult:
         """End a micro-batch; at an accumulation boundary, step or skip the optimizers

@@ -55,6 +55,10 @@ class Plugin:
     def forward_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    def backward_context(self) -> contextlib.AbstractContextManager:
+        """Around ``loss.backward()``: what the backward matmuls need (tf32's switch)."""
+        return contextlib.nullcontext()
+
     @property
     def uses_master_weights(self) -> bool:
         return False
@@ -69,12 +73,18 @@ class FullPrecision(Plugin):
                 "(use fp32, or bf16-mixed on CPUs with AVX512_BF16/AMX)"
             )
 
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return self._tf32()
+
+    def backward_context(self) -> contextlib.AbstractContextManager:
+        return self._tf32()  # the backward matmuls (two thirds of the FLOPs) run in tf32 too
+
     @contextlib.contextmanager
-    def forward_context(self) -> Iterator[None]:
+    def _tf32(self) -> Iterator[None]:
         if self.mode.name != "tf32":
             yield
             return
-        # Scoped to the forward pass instead of flipping the global default for everyone.
+        # Scoped to the forward and backward passes instead of flipping the global default.
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         try:
