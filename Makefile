@@ -23,8 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Every benchmark, side by side with the peers (Accelerate, Fabric: the `bench` extra);
+# regenerates docs/benchmarks.md. Under 10 minutes on 2 idle CPU cores.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/overhead.py --json benchmarks/overhead.json
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
+	$(BIN)/python benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) demo.json mixprec-demo

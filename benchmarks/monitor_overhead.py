@@ -8,32 +8,38 @@ code path (engine + RunNumerics: hooks, per-step RNG snapshot for replay, sampli
     armed     monitor sampling every step (collect + JSON-able record each step)
 
 Each round times one step of each, rotating the order. Per-round ratios to `plain`, median
-and bootstrap 95% CI. The default interval's ratio is derived from the two measured ones,
-r_default = r_unarmed + (r_armed - r_unarmed) / every, with its CI from the same bootstrap
-resamples (an every-50 run cannot be measured step-paired in 60 rounds: the median would
-never see its sampled steps).
+and 95% CI (benchmarks/_stats.py). The default interval's ratio is derived from the two
+measured ones, r_default = r_unarmed + (r_armed - r_unarmed) / every, with a bootstrap CI
+over the same resampled rounds (an every-50 run cannot be measured step-paired in 60
+rounds: the median would never see its sampled steps).
 
-    python benchmarks/monitor_overhead.py [--rounds 60] [--json monitor_overhead.json]
+    python benchmarks/monitor_overhead.py [--quick | --smoke] [--rounds 60] [--json monitor_overhead.json]
+
+--quick measures the lm recipe's default size (2 layers, d 128): the monitor's per-module
+cost is a larger share of a smaller step, so this is the harder case for the target.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import random
 import statistics
 import sys
-import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
 import mixprec
-from mixprec.environment import environment
 from mixprec.monitor import DEFAULT_EVERY
 from mixprec.recipes.lm import lm
 from mixprec.runs.numerics import RunNumerics
 
-CONFIG = dict(n_layer=4, d_model=256, n_head=4, seq_len=256, batch_size=16)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+import _stats  # noqa: E402
+
+CONFIGS = {"full": dict(n_layer=4, d_model=256, n_head=4, seq_len=256, batch_size=16),
+           "quick": dict(n_layer=2, d_model=128, n_head=4, seq_len=128, batch_size=16),
+           "smoke": dict(n_layer=1, d_model=32, n_head=2, seq_len=32, batch_size=4)}
 MODE = "bf16-mixed"
 
 
@@ -65,64 +71,52 @@ class Loop:
             self.numerics.after_step(self.step_no, result)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--json", default=None, metavar="FILE")
-    args = parser.parse_args()
+def markdown(doc: dict[str, Any]) -> str:
+    c = doc["config"]
+    head = (f"lm {c['n_layer']} layers, d {c['d_model']}, T {c['seq_len']}, batch {c['batch_size']}, {doc['mode']}, "
+            f"plain step {_common.fmt_ms(doc['plain_step_s_median'])}, {doc['rounds']} rounds\n\n")
+    rows = []
+    for r in doc["results"]:
+        target = "" if r["target"] is None else f"<= {r['target']:.2f}: " + ("met" if r["meets_target"] else "MISSED")
+        rows.append([r["variant"], _common.fmt_ci(r["ratio"]), target])
+    return head + _common.table(["variant", "x plain [95% CI]", "target"], rows) + "\n"
 
-    task = lm(**CONFIG)
+
+def main() -> int:
+    p = _common.parser(__doc__)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+    size = _common.size(args)
+    config = CONFIGS[size]
+    n = _common.rounds(args)
+    warmup = 1 if size == "smoke" else args.warmup
+
+    task = lm(**config)
     # `unarmed` samples only at a step it never reaches; `armed` every step.
     loops = {"plain": Loop(task, None), "unarmed": Loop(task, 10**9), "armed": Loop(task, 1)}
-    names = list(loops)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    batches = task.train_batches(0)
-    for r in range(args.warmup + args.rounds):
-        batch = next(batches)
-        order = names[r % 3:] + names[:r % 3]
-        for name in order:
-            t0 = time.perf_counter()
-            loops[name].step(batch)
-            if r >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+    times = _stats.interleave({k: loop.step for k, loop in loops.items()}, task.train_batches(0), n, warmup)
 
-    ratios = {n: [t / p for t, p in zip(times[n], times["plain"])] for n in ("unarmed", "armed")}
-    rng = random.Random(0)
-    boot: dict[str, list[float]] = {"unarmed": [], "armed": [], "default": []}
-    idx = range(args.rounds)
-    for _ in range(2000):
-        pick = rng.choices(idx, k=args.rounds)
-        u = statistics.median(ratios["unarmed"][i] for i in pick)
-        a = statistics.median(ratios["armed"][i] for i in pick)
-        boot["unarmed"].append(u)
-        boot["armed"].append(a)
-        boot["default"].append(u + (a - u) / DEFAULT_EVERY)
-    ci = {k: (sorted(v)[50], sorted(v)[1949]) for k, v in boot.items()}
-    med_u, med_a = statistics.median(ratios["unarmed"]), statistics.median(ratios["armed"])
-    rows = [
-        ("unarmed (hooks, no sample)", med_u, ci["unarmed"], None),
-        ("armed (every step)", med_a, ci["armed"], None),
-        (f"default (every {DEFAULT_EVERY}), derived", med_u + (med_a - med_u) / DEFAULT_EVERY, ci["default"], 1.03),
-    ]
-    doc = {
-        "schema": "mixprec.bench.monitor_overhead/1",
-        "command": " ".join(["python", *sys.argv]),
-        "mode": MODE, "config": CONFIG, "rounds": args.rounds, "warmup": args.warmup,
-        "default_every": DEFAULT_EVERY,
-        "plain_step_s_median": statistics.median(times["plain"]),
-        "results": [{"variant": v, "ratio_median": m, "ratio_ci95": list(c), "target": t,
-                     "meets_target": None if t is None else m <= t} for v, m, c, t in rows],
-        "environment": environment(),
-    }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-    print(f"lm L{CONFIG['n_layer']} d{CONFIG['d_model']} T{CONFIG['seq_len']} B{CONFIG['batch_size']}, {MODE}, "
-          f"plain step {doc['plain_step_s_median'] * 1e3:.1f} ms, {args.rounds} rounds")
-    print(f"{'variant':<32} {'ratio':>7} {'95% CI':>17} {'target':>7}")
-    for v, m, c, t in rows:
-        print(f"{v:<32} {m:>7.3f} {'[%.3f, %.3f]' % c:>17} {'' if t is None else ('<=%.2f ' % t) + ('yes' if m <= t else 'NO'):>7}")
+    ratios = {k: [t / b for t, b in zip(times[k], times["plain"])] for k in ("unarmed", "armed")}
+
+    def default(idx: list[int]) -> float:
+        u = statistics.median(ratios["unarmed"][i] for i in idx)
+        a = statistics.median(ratios["armed"][i] for i in idx)
+        return u + (a - u) / DEFAULT_EVERY
+
+    med = {k: statistics.median(v) for k, v in ratios.items()}
+    derived = med["unarmed"] + (med["armed"] - med["unarmed"]) / DEFAULT_EVERY
+    lo, hi = _stats.bootstrap(default, n)
+    rows = [("unarmed (hooks, no sample)", _stats.summary(ratios["unarmed"]), None),
+            ("armed (every step)", _stats.summary(ratios["armed"]), None),
+            (f"default (every {DEFAULT_EVERY}), derived",
+             {"median": derived, "ci95": [lo, hi], "ci_level": 0.95, "rounds": n, "ci_method": "bootstrap"}, 1.03)]
+    doc = _common.document(
+        "mixprec.bench.monitor_overhead/2", args, mode=MODE, config=config, rounds=n, warmup=warmup,
+        default_every=DEFAULT_EVERY, plain_step_s_median=statistics.median(times["plain"]),
+        results=[{"variant": v, "ratio": s, "target": t, "meets_target": None if t is None else s["median"] <= t}
+                 for v, s, t in rows])
+    _common.write(doc, args.json)
+    print(markdown(doc))
     return 0
 
 

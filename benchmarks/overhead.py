@@ -4,34 +4,39 @@ The same lm-recipe model and the same batches are trained twice in this process:
 the loop a PyTorch user writes by hand (autocast + GradScaler + unscale_ + clip_grad_norm_
 + step + update), once by mixprec's engine. Each round times one optimizer step of each,
 back to back, alternating which goes first; the claim is the median of the per-round
-ratios engine/raw, with a bootstrap 95% confidence interval of that median.
+ratios engine/raw, with its 95% confidence interval (benchmarks/_stats.py). The two models
+must end bitwise equal (invariant 2): the same arithmetic was done.
 
-    python benchmarks/overhead.py [--rounds 60] [--json overhead.json]
+    python benchmarks/overhead.py [--quick | --smoke] [--rounds 60] [--json overhead.json]
 
 Sizes: each precision uses an lm config whose step takes >= 100 ms here. fp16 matmuls on
-CPUs without AVX512-FP16 are tens of times slower than fp32, so fp16 runs a smaller model.
+CPUs without AVX512-FP16 are tens of times slower than fp32, so fp16 runs a smaller model
+(and, with --quick, fewer rounds: 30 bf16, 12 fp16). benchmarks/peers.py measures the same
+ratio at the recipe's default size with 60 rounds, next to Accelerate and Fabric.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import random
 import statistics
 import sys
-import time
 import warnings
+from pathlib import Path
+from typing import Any
 
 import torch
 
 import mixprec
-from mixprec.environment import environment
 from mixprec.recipes.lm import lm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+import _stats  # noqa: E402
 
 CONFIGS = {
     "bf16-mixed": dict(n_layer=4, d_model=256, n_head=4, seq_len=256, batch_size=16),
     "fp16-mixed": dict(n_layer=2, d_model=128, n_head=4, seq_len=128, batch_size=8),
 }
+SMOKE = dict(n_layer=1, d_model=32, n_head=2, seq_len=32, batch_size=4)
 DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 CLIP = 1.0
 
@@ -76,67 +81,48 @@ class EngineLoop:
         self.engine.step()
 
 
-def bootstrap_median_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
-    return medians[int(0.025 * n)], medians[int(0.975 * n) - 1]
-
-
-def measure(mode: str, rounds: int, warmup: int) -> dict:
-    config = CONFIGS[mode]
+def measure(mode: str, config: dict, rounds: int, warmup: int) -> dict[str, Any]:
     task = lm(**config)
     loops = {"raw": RawLoop(task, mode), "engine": EngineLoop(task, mode)}
-    batches = task.train_batches(0)
-    times: dict[str, list[float]] = {"raw": [], "engine": []}
-    for r in range(warmup + rounds):
-        batch = next(batches)
-        order = ["raw", "engine"] if r % 2 == 0 else ["engine", "raw"]  # rotate who goes first
-        for name in order:
-            t0 = time.perf_counter()
-            loops[name].step(batch)
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                times[name].append(dt)
-    # Same math, same data: the two models must still agree (bitwise, on CPU).
+    times = _stats.interleave({n: loop.step for n, loop in loops.items()}, task.train_batches(0), rounds, warmup)
     same = all(torch.equal(a, b) for a, b in zip(loops["raw"].model.parameters(), loops["engine"].model.parameters()))
-    ratios = [e / r for e, r in zip(times["engine"], times["raw"])]
-    lo, hi = bootstrap_median_ci(ratios)
-    return {
-        "mode": mode,
-        "config": config,
-        "rounds": rounds,
-        "warmup": warmup,
-        "raw_step_s_median": statistics.median(times["raw"]),
-        "engine_step_s_median": statistics.median(times["engine"]),
-        "ratio_median": statistics.median(ratios),
-        "ratio_ci95": [lo, hi],
-        "target": 1.02,
-        "meets_target": statistics.median(ratios) <= 1.02,
-        "parameters_bitwise_equal": same,
-    }
+    ratio = _stats.ratio(times["engine"], times["raw"])
+    return {"mode": mode, "config": config, "rounds": rounds, "warmup": warmup,
+            "raw_step_s_median": statistics.median(times["raw"]),
+            "engine_step_s_median": statistics.median(times["engine"]),
+            "ratio": ratio, "target": 1.02, "meets_target": ratio["median"] <= 1.02,
+            "parameters_bitwise_equal": same}
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    rows = []
+    for r in doc["results"]:
+        c = r["config"]
+        rows.append([r["mode"], f"{c['n_layer']} layers, d {c['d_model']}, T {c['seq_len']}, batch {c['batch_size']}",
+                     r["rounds"], _common.fmt_ms(r["raw_step_s_median"]), _common.fmt_ms(r["engine_step_s_median"]),
+                     _common.fmt_ci(r["ratio"]), "met" if r["meets_target"] else "MISSED",
+                     "yes" if r["parameters_bitwise_equal"] else "NO"])
+    return _common.table(["mode", "lm config", "rounds", "raw step", "engine step", "engine/raw [95% CI]",
+                          "target <= 1.02", "params equal"], rows, right=(2, 3, 4)) + "\n"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--modes", default="bf16-mixed,fp16-mixed")
-    parser.add_argument("--json", default=None, metavar="FILE")
-    args = parser.parse_args()
+    p = _common.parser(__doc__)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--modes", default="bf16-mixed,fp16-mixed")
+    args = p.parse_args()
     warnings.simplefilter("ignore")  # the fp16-on-CPU warning is the point of the smaller fp16 config
-    results = [measure(mode, args.rounds, args.warmup) for mode in args.modes.split(",")]
-    doc = {"schema": "mixprec.bench.overhead/1", "command": " ".join(["python", *sys.argv]),
-           "results": results, "environment": environment()}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-    print(f"{'mode':<12} {'config':<34} {'raw ms':>8} {'engine ms':>10} {'ratio':>7} {'95% CI':>15} {'<=1.02':>7} {'equal':>6}")
-    for r in results:
-        c = r["config"]
-        cfg = f"L{c['n_layer']} d{c['d_model']} T{c['seq_len']} B{c['batch_size']}"
-        print(f"{r['mode']:<12} {cfg:<34} {r['raw_step_s_median'] * 1e3:>8.1f} {r['engine_step_s_median'] * 1e3:>10.1f} "
-              f"{r['ratio_median']:>7.3f} {'[%.3f, %.3f]' % tuple(r['ratio_ci95']):>15} "
-              f"{'yes' if r['meets_target'] else 'NO':>7} {'yes' if r['parameters_bitwise_equal'] else 'NO':>6}")
+    size = _common.size(args)
+    results = []
+    for mode in args.modes.split(","):
+        config = SMOKE if size == "smoke" else CONFIGS[mode]
+        slow = mode == "fp16-mixed"
+        # --quick: fewer rounds; benchmarks/peers.py makes the 60-round claim at the recipe's size.
+        n = _common.rounds(args, full=60, quick=12 if slow else 30, smoke=2)
+        results.append(measure(mode, config, n, 1 if size == "smoke" else args.warmup))
+    doc = _common.document("mixprec.bench.overhead/2", args, results=results)
+    _common.write(doc, args.json)
+    print(markdown(doc))
     return 0
 
 
