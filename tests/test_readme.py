@@ -193,3 +193,11 @@ def test_policy_yaml_from_file_and_cli(invoke, tmp_path: Path, monkeypatch: pyte
     assert doc["policy"]["mode"] == "fp16-mixed"
     assert doc["policy"]["fp32_modules"] == ["blocks.0.ln1", "blocks.0.ln2", "ln_f", "lm_head"]
     assert doc["policy_spec"] == mixprec.Policy.from_dict(yaml.safe_load(text)).to_dict()
+
+
+def test_readme_lists_every_recipe() -> None:
+    from mixprec.recipes import RECIPES
+
+    section = README.split("## Recipes: one per domain", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `([a-z]+)` \|", section, re.MULTILINE)
+    assert listed == list(RECIPES)
