@@ -153,7 +153,8 @@ def test_optimizer_gives_tables_their_own_learning_rate(tiny_task):
     opt = tiny_task.build_optimizer(model)
     assert isinstance(opt, torch.optim.Adam)
     dense, tables = opt.param_groups
-    assert dense["lr"] == 3e-3 and tables["lr"] == 1e-2
+    assert dense["lr"] == TINY["lr"] and tables["lr"] == TINY["embedding_lr"] != TINY["lr"]
+    assert opt.defaults["fused"] is True
     assert {id(p) for p in tables["params"]} == {id(e.weight) for e in model.embeddings}
     assert len(dense["params"]) + len(tables["params"]) == len(list(model.parameters()))
 
@@ -232,7 +233,7 @@ def test_train_lowers_the_loss_and_evaluate_is_sane(tiny_task, policy):
     result = mixprec.train(tiny_task, policy, steps=steps, monitor_every=0)
     assert result["status"] == "completed" and not result["skipped_steps"]
     first, last = _halves(result["losses"])
-    # Measured (fp32 and bf16, seeds 0-4): last-5 / first-5 mean 0.81-0.86.
+    # Measured (fp32 and bf16, seeds 0-4): last-5 / first-5 mean 0.76-0.89, auc 0.74-0.79.
     assert last < 0.93 * first, result["losses"]
     metrics = result["eval"]
     assert set(metrics) == {"auc", "logloss"}

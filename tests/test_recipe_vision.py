@@ -10,7 +10,8 @@ import torch
 import mixprec
 from mixprec.errors import UsageError
 from mixprec.recipes import get_recipe
-from mixprec.recipes.vision import BasicBlock, ResNet, accuracy, load_vision_data, shift_images, vision
+from mixprec.recipes.vision import (BasicBlock, ResNet, accuracy, linear_decay, load_vision_data,
+                                    shift_images, vision)
 from mixprec.task import Task
 
 TINY = get_recipe("vision").tiny
@@ -117,6 +118,49 @@ def test_loss_is_fp32_under_bf16_autocast(tiny_task):
     assert abs(loss.item() - math.log(10)) < 0.1  # near-uniform predictions at init
 
 
+# --------------------------------------------------------------------------- lr schedule
+
+
+def _lrs_over(optimizer, n):
+    p = optimizer.param_groups[0]["params"][0]
+    seen = []
+    for _ in range(n):
+        p.grad = torch.ones_like(p)
+        optimizer.step()
+        seen.append(optimizer.param_groups[0]["lr"])
+    return seen
+
+
+def test_linear_decay_schedule_values_and_floor():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = linear_decay(torch.optim.SGD([p], lr=1.0), decay_steps=4, min_fraction=0.1)
+    # Step k (0-based) runs at lr 1 - k/4, floored at 0.1.
+    assert _lrs_over(opt, 6) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.1, 0.1])
+    # Each step moved p by its lr (SGD, gradient 1): the lr was set before the step.
+    assert float(p[0]) == pytest.approx(-(1.0 + 0.75 + 0.5 + 0.25 + 0.1 + 0.1))
+
+
+def test_linear_decay_resumes_from_the_state_dict():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = linear_decay(torch.optim.SGD([p], lr=1.0), decay_steps=4)
+    _lrs_over(opt, 2)
+    state = opt.state_dict()
+    q = torch.nn.Parameter(torch.zeros(3))
+    fresh = linear_decay(torch.optim.SGD([q], lr=1.0), decay_steps=4)
+    fresh.load_state_dict(state)
+    assert _lrs_over(fresh, 2) == pytest.approx([0.5, 0.25])
+
+
+def test_recipe_schedule_resumes_bit_exactly_through_checkpoints(tmp_path):
+    task = vision(**{**TINY, "decay_steps": 6})
+    full = mixprec.train(task, "fp32", steps=8, seed=0, monitor_every=0)
+    mixprec.train(task, "fp32", steps=4, seed=0, monitor_every=0, checkpoint_dir=tmp_path)
+    resumed = mixprec.train(task, "fp32", steps=8, seed=0, monitor_every=0, checkpoint_dir=tmp_path,
+                            resume=True)
+    assert resumed["losses"] == full["losses"]
+    assert resumed["eval"] == full["eval"]
+
+
 # --------------------------------------------------------------------------- training and evaluation
 
 
@@ -171,6 +215,7 @@ def test_evaluate_keys_values_and_restores_mode(tiny_task):
         (dict(eval_batch_size=2.0), "2.0"),
         (dict(bn_momentum=0.0), "0.0"),
         (dict(bn_momentum=1.5), "1.5"),
+        (dict(decay_steps=-5), "-5"),
     ],
 )
 def test_bad_arguments_raise_usage_error_naming_the_value(kwargs, shown):

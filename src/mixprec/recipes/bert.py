@@ -277,7 +277,7 @@ def _check_float(name: str, value, *, low: float, low_inclusive: bool, high: flo
 def bert(n_layer: int = 2, n_head: int = 4, hidden: int = 128, intermediate: int | None = None,
          seq_len: int = 128, batch_size: int = 32, lr: float = 5e-4, warmup_steps: int = 20,
          weight_decay: float = 0.01, dropout: float = 0.0, init_std: float = 0.1,
-         n_classes: int = 8, eval_per_class: int = 64, objective: str = "classify",
+         n_classes: int = 8, eval_per_class: int = 256, objective: str = "classify",
          mask_prob: float = 0.15, attn_implementation: str = "sdpa") -> Task:
     """The ``bert`` Task: stock HF BERT classifying stdlib snippets by package (see module doc)."""
     for name, value in [("n_layer", n_layer), ("n_head", n_head), ("hidden", hidden),
@@ -287,7 +287,7 @@ def bert(n_layer: int = 2, n_head: int = 4, hidden: int = 128, intermediate: int
     _check_int("n_classes", n_classes, minimum=2)
     _check_int("warmup_steps", warmup_steps, minimum=0)
     if intermediate is None:
-        intermediate = 4 * hidden if isinstance(hidden, int) else hidden
+        intermediate = 4 * hidden
     _check_int("intermediate", intermediate)
     if hidden % n_head != 0:
         raise UsageError(

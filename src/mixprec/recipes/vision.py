@@ -50,7 +50,7 @@ from mixprec.errors import UsageError
 from mixprec.recipes.info import RecipeInfo
 from mixprec.task import Task
 
-__all__ = ["BasicBlock", "ResNet", "load_vision_data", "shift_images", "accuracy", "vision"]
+__all__ = ["BasicBlock", "ResNet", "load_vision_data", "shift_images", "accuracy", "linear_decay", "vision"]
 
 NUM_CLASSES = 10
 
@@ -143,9 +143,6 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if isinstance(m, BasicBlock):
-                nn.init.zeros_(m.bn2.weight)  # each residual branch starts at zero
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
 
@@ -163,6 +160,40 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"accuracy needs logits (N, C) and labels (N,), got {tuple(logits.shape)} "
                          f"and {tuple(labels.shape)}")
     return (logits.argmax(dim=1) == labels).float().mean()
+
+
+# --------------------------------------------------------------------------- lr schedule
+
+MIN_LR_FRACTION = 0.02  # the schedule's floor, as a fraction of the peak lr
+
+
+def linear_decay(optimizer: torch.optim.Optimizer, decay_steps: int,
+                 min_fraction: float = MIN_LR_FRACTION) -> torch.optim.Optimizer:
+    """Make ``optimizer``'s lr fall linearly from its value now to ``min_fraction`` of it over
+    ``decay_steps`` steps, then stay there; returns the optimizer.
+
+    The schedule lives in the optimizer itself, through its public step hooks: the peak lr
+    and the number of steps taken are kept in each param group (``"peak_lr"``,
+    ``"decay_step"``), so they are part of ``optimizer.state_dict()``: a checkpoint resumes
+    the schedule exactly, and a step the engine skips (non-finite gradients) does not
+    advance it, since the optimizer's ``step`` is not called then.
+    """
+    for group in optimizer.param_groups:
+        group.setdefault("peak_lr", group["lr"])
+        group.setdefault("decay_step", 0)
+
+    def set_lr(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        for group in opt.param_groups:
+            frac = max(1.0 - group["decay_step"] / decay_steps, min_fraction)
+            group["lr"] = group["peak_lr"] * frac
+
+    def count(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        for group in opt.param_groups:
+            group["decay_step"] += 1
+
+    optimizer.register_step_pre_hook(set_lr)
+    optimizer.register_step_post_hook(count)
+    return optimizer
 
 
 # --------------------------------------------------------------------------- task
@@ -185,13 +216,14 @@ def _check_float(name: str, value, *, low: float, low_inclusive: bool, high: flo
 
 def vision(width: int = 64, stage_blocks: Sequence[int] = (1, 1, 1), image_size: int = 32,
            batch_size: int = 64, lr: float = 5e-3, weight_decay: float = 0.05, shift: int = 1,
-           bn_momentum: float = 0.3, eval_batch_size: int = 360) -> Task:
+           bn_momentum: float = 0.3, decay_steps: int = 200, eval_batch_size: int = 360) -> Task:
     """The ``vision`` Task: a small ResNet on the upsampled digits (see module doc)."""
     for name, value in [("width", width), ("batch_size", batch_size),
                         ("eval_batch_size", eval_batch_size)]:
         _check_int("vision", name, value)
     _check_int("vision", "image_size", image_size, minimum=8)
     _check_int("vision", "shift", shift, minimum=0)
+    _check_int("vision", "decay_steps", decay_steps, minimum=0)
     if (isinstance(stage_blocks, (str, bytes)) or not isinstance(stage_blocks, (list, tuple))
             or not stage_blocks
             or not all(not isinstance(b, bool) and isinstance(b, numbers.Integral) and b >= 1
@@ -222,7 +254,8 @@ def vision(width: int = 64, stage_blocks: Sequence[int] = (1, 1, 1), image_size:
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=lr)
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+        return linear_decay(optimizer, decay_steps) if decay_steps else optimizer
 
     def train_batches(seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(int(seed))
@@ -274,7 +307,7 @@ RECIPE = RecipeInfo(
     metric_key="accuracy",
     higher_is_better=True,
     expected_fp32=(0.95, 0.99),
-    verify_steps=100,
-    tiny=dict(width=8, stage_blocks=(1, 1), image_size=16, batch_size=32, eval_batch_size=180),
+    verify_steps=200,
+    tiny=dict(width=8, stage_blocks=(1, 1), image_size=16, batch_size=32, decay_steps=0, eval_batch_size=180),
     tiny_steps=10,
 )
