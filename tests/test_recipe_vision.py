@@ -141,7 +141,7 @@ def test_linear_decay_schedule_values_and_floor():
     # Step k (0-based) runs at lr 1 - k/4, floored at 0.1.
     assert _lrs_over(opt, 6) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.1, 0.1])
     # Each step moved p by its lr (SGD, gradient 1): the lr was set before the step.
-    assert float(p[0]) == pytest.approx(-(1.0 + 0.75 + 0.5 + 0.25 + 0.1 + 0.1))
+    assert float(p.detach()[0]) == pytest.approx(-(1.0 + 0.75 + 0.5 + 0.25 + 0.1 + 0.1))
 
 
 def test_linear_decay_resumes_from_the_state_dict():
@@ -195,7 +195,7 @@ def test_evaluate_keys_values_and_restores_mode(tiny_task):
     model.eval()
     with torch.no_grad():  # the same batches as evaluate(), so the same kernels
         logits = torch.cat([model(x) for x in val_x.split(TINY["eval_batch_size"])])
-    assert metrics["accuracy"] == pytest.approx(float(accuracy(logits, val_y)), abs=1e-12)
+    assert metrics["accuracy"] == pytest.approx(float(accuracy(logits, val_y)), abs=1e-6)  # an fp32 mean
     assert metrics["val_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, val_y)), rel=1e-5)
     assert tiny_task.evaluate(model) == metrics
     assert not any(m.training for m in model.modules())  # eval mode found, eval mode left

@@ -44,7 +44,8 @@ The metric
     rare), and one that knows where the digits are but guesses their class about 0.1.
 
 Expected numbers (fp32, defaults, seed 0; 2-core AMD EPYC with AVX512_BF16, torch 2.13)
-    * EXPECTED_NUMBERS
+    * not yet measured on a quiet machine (this session's machine was shared, load 10-19);
+      RECIPE.expected_fp32 stays None until it is.
 """
 
 from __future__ import annotations

@@ -308,6 +308,6 @@ RECIPE = RecipeInfo(
     higher_is_better=True,
     expected_fp32=(0.95, 0.99),
     verify_steps=200,
-    tiny=dict(width=8, stage_blocks=(1, 1), image_size=16, batch_size=32, decay_steps=0, eval_batch_size=180),
+    tiny=dict(width=16, image_size=16, batch_size=32, decay_steps=0, eval_batch_size=180),
     tiny_steps=10,
 )
