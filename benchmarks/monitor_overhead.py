@@ -15,12 +15,14 @@ rounds: the median would never see its sampled steps).
 
     python benchmarks/monitor_overhead.py [--quick | --smoke] [--rounds 60] [--json monitor_overhead.json]
 
---quick measures the lm recipe's default size (2 layers, d 128): the monitor's per-module
-cost is a larger share of a smaller step, so this is the harder case for the target.
+--quick measures the lm recipe's default size (2 layers, d 256, T 128); the full size is
+4 layers, d 256, T 256. The monitor's per-module cost is a larger share of a smaller step,
+so the quick size is the harder case for the target.
 """
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import sys
 from pathlib import Path
@@ -38,7 +40,9 @@ import _common  # noqa: E402
 import _stats  # noqa: E402
 
 CONFIGS = {"full": dict(n_layer=4, d_model=256, n_head=4, seq_len=256, batch_size=16),
-           "quick": dict(n_layer=2, d_model=128, n_head=4, seq_len=128, batch_size=16),
+           # the recipe's defaults, read from its signature so the two cannot drift apart
+           "quick": {k: inspect.signature(lm).parameters[k].default
+                     for k in ("n_layer", "d_model", "n_head", "seq_len", "batch_size")},
            "smoke": dict(n_layer=1, d_model=32, n_head=2, seq_len=32, batch_size=4)}
 MODE = "bf16-mixed"
 

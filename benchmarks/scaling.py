@@ -1,7 +1,7 @@
 """How the lm recipe's step time grows as the model widens and the sequence lengthens.
 
-From the recipe's defaults (2 layers, d_model 128, 4 heads, seq_len 128, batch 16), width
-doubles twice (d_model 128 -> 256 -> 512) and, separately, the sequence length doubles
+From the recipe's defaults (2 layers, d_model 256, 4 heads, seq_len 128, batch 16), width
+doubles twice (d_model 256 -> 512 -> 1024) and, separately, the sequence length doubles
 twice (128 -> 256 -> 512). At each point the precisions are timed interleaved (one step
 of each per round, order rotated, warm-up first; benchmarks/_stats.py): median step time,
 step time relative to the first point, achieved matmul throughput (FLOPs of one step,
@@ -20,6 +20,7 @@ bf16 speed-up is a claim.)
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import sys
 import warnings
@@ -37,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import _stats  # noqa: E402
 
-BASE = dict(n_layer=2, n_head=4, d_model=128, seq_len=128, batch_size=16)
+# The recipe's own defaults, read from its signature so the two cannot drift apart.
+BASE = {k: inspect.signature(lm).parameters[k].default
+        for k in ("n_layer", "n_head", "d_model", "seq_len", "batch_size")}
 SMOKE_BASE = dict(n_layer=1, n_head=2, d_model=16, seq_len=16, batch_size=4)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import mixprec.probe
 from mixprec.autotune import TUNABLE
@@ -85,6 +86,25 @@ def test_memory_is_counted_from_the_tensors():
     assert bf16["state_bytes"] == fp32["state_bytes"]  # mixed keeps fp32 weights: no saving
     assert 0 < bf16["activation_bytes"] < fp32["activation_bytes"]
     assert fp32["batch_shape"] == [4, 32] and fp32["step"] == "stepped"
+
+
+def test_memory_counts_optimizer_state_when_fp16_skips_its_first_steps():
+    # A loss of 1e4 overflows fp16 at the initial scale of 2**16: the first steps skip, and
+    # the optimizer's moments appear only once a step is taken (they must still be counted).
+    from mixprec import Task
+
+    def build_model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(16, 16)
+
+    task = Task(name="overflow", build_model=build_model,
+                build_optimizer=lambda m: torch.optim.Adam(m.parameters()),
+                train_batches=lambda seed: iter(lambda: torch.ones(4, 16), None),
+                loss=lambda model, x: model(x).float().square().mean() * 1e4)
+    fp32 = measure_memory(task, "fp32")
+    doc = measure_memory(task, "emulate:fp16-mixed")
+    assert doc["step"] == "stepped" and doc["skipped_before_stepping"] >= 1
+    assert doc["optimizer_state_bytes"] == fp32["optimizer_state_bytes"] > 0
 
 
 def _tuned(chosen, rows):

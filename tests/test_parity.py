@@ -35,6 +35,19 @@ def probe_doc(**ratios):
 
 
 # -- what runs, native or emulated -------------------------------------------------------
+def test_a_recipes_scaler_settings_apply_only_where_the_loss_is_scaled():
+    asr = RECIPES["asr"]
+    assert asr.scaler == {"init_scale": 1024.0}  # the recipe's documented fp16 fix
+    for mode in ("fp16-mixed", "emulate:fp16-mixed"):
+        policy = parity.candidate_policy(asr, mode)
+        assert policy.scaler.init_scale == 1024.0 and policy.scaler.growth_interval == 2000
+    for mode in ("bf16-mixed", "fp8-mixed"):
+        assert parity.candidate_policy(asr, mode).scaler.init_scale == 2.0**16
+    assert parity.candidate_policy(RECIPES["lm"], "fp16-mixed").scaler.init_scale == 2.0**16
+    cell = parity._shown("fp16-mixed", {"emulated": True, "scaler": {"init_scale": 1024.0}})
+    assert cell == "fp16-mixed (emulated; init scale 1024)"
+
+
 def test_the_probe_decides_emulation():
     plan = parity.execution_plan(["bf16-mixed", "fp16-mixed", "fp8-mixed"],
                                  probe_doc(bf16=2.4, fp16=0.004, fp8_e4m3=None))
@@ -140,6 +153,21 @@ def test_a_failing_candidate_fails_the_table():
     text = parity.render_summary(doc)
     assert "-> FAIL" in text and "FAIL lm bf16-mixed: final loss differs by 20%" in text
     assert "| lm | language model | val_loss ↓ | 2.5 | bf16-mixed | 3.1 | +0.6 | +0.01 | FAIL | 1.20x | 0.80x |" in text
+
+
+def test_the_document_names_fp32_values_outside_their_documented_range(parity_run):
+    _, _, doc, _ = parity_run
+    row = dict(doc["rows"][0])
+    assert not parity.outside_expected({**row, "expected_fp32": None})
+    value = row["reference_value"]
+    assert not parity.outside_expected({**row, "expected_fp32": [value - 1, value + 1]})
+    assert parity.outside_expected({**row, "expected_fp32": [value + 1, value + 2]})
+    shifted = {**doc, "rows": [{**row, "expected_fp32": [value + 1, value + 2]}, *doc["rows"][1:]]}
+    text = parity.render_document(shifted)
+    assert f"outside for {row['recipe']} ({parity._num(value)}, documented {value + 1:g}-{value + 2:g})" in text
+    inside = {**doc, "rows": [{**r, "expected_fp32": [r["reference_value"] - 1, r["reference_value"] + 1]}
+                              for r in doc["rows"]]}
+    assert "every recipe's fp32 value is inside its range" in parity.render_document(inside)
 
 
 # -- mixprec recipes --json ---------------------------------------------------------------------

@@ -322,8 +322,6 @@ def test_bad_arguments_raise_usage_error_naming_the_value(kwargs, shown):
     assert next(iter(kwargs)) in message
 
 
-@pytest.mark.xfail(__import__("mixprec.recipes", fromlist=["RECIPES"]).RECIPES["detection"].expected_fp32 is None,
-                   reason="fp32 range at the defaults not yet measured on a quiet machine (issue 6)", strict=True)
 def test_recipe_info():
     info = get_recipe("detection")
     assert info.factory is detection and info.metric_key == "map50" and info.higher_is_better

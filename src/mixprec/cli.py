@@ -553,7 +553,8 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
         {"name": r.name, "default": r.name == DEFAULT_RECIPE, "domain": r.domain, "model": r.model,
          "data": r.data, "metric": r.metric, "description": r.description, "metric_key": r.metric_key,
          "higher_is_better": r.higher_is_better,
-         "expected_fp32": list(r.expected_fp32) if r.expected_fp32 else None, "verify_steps": r.verify_steps}
+         "expected_fp32": list(r.expected_fp32) if r.expected_fp32 else None, "verify_steps": r.verify_steps,
+         "scaler": dict(r.scaler)}
         for r in RECIPES.values()
     ]
     if args.json != "-":

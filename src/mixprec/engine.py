@@ -380,15 +380,21 @@ class Engine:
     def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         if not params:
             return None
+        sparse = any(p.grad.is_sparse for p in params)
         if self.clip_grad_norm is not None:
+            if sparse:  # torch's clip_grad_norm_ has no sparse kernel (nn.Embedding(sparse=True))
+                norm = _total_norm([p.grad for p in params])
+                coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
+                for p in params:
+                    p.grad.mul_(coef)
+                return norm
             # Over FSDP's DTensor gradients the total norm is the global one (a replicated DTensor).
             return _local(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm))
         if self.scaler.enabled:
             return None  # the unscale kernel already checked finiteness; skip a pass
         # No scaling and no clipping: the finite check costs one read of the gradients,
         # and the norm comes with it.
-        grads = [_local(p.grad) for p in params]
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return _total_norm([_local(p.grad) for p in params])
 
     def _select(self, optimizers: Sequence[torch.optim.Optimizer]) -> list[_Slot]:
         if not optimizers:
@@ -578,6 +584,15 @@ def _check_ties(model: nn.Module, roots: list[str], fp32_params: set[int]) -> No
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (FSDP2 gradients, replicated norms), else ``t`` itself."""
     return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm over all gradients; a sparse one counts by its (coalesced) values, since
+    ``torch._foreach_norm`` and ``vector_norm`` have no sparse kernel."""
+    dense = [g for g in grads if not g.is_sparse]
+    norms = list(torch._foreach_norm(dense)) if dense else []
+    norms += [torch.linalg.vector_norm(g.coalesce()._values()) for g in grads if g.is_sparse]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _finite(x: float) -> bool:

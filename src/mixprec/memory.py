@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
-from mixprec.engine import Engine
+from mixprec.engine import NONFINITE_LOSS, Engine
 from mixprec.environment import resolve_device
 from mixprec.policy import Policy
 from mixprec.task import Task, build_optimizers
+
+MAX_SKIP_RETRIES = 40  # enough to back a 2**16 scale off to below 2**-16 (factor 0.5 each)
 
 __all__ = ["measure_memory"]
 
@@ -85,6 +87,18 @@ def measure_memory(task: Task, policy: Policy | str, *, seed: int = 0, device: s
     engine.backward(loss)
     grads = _nbytes([p.grad for p in params if p.grad is not None])
     result = engine.step()
+    # fp16 at its initial loss scale can overflow and skip the first step, which leaves an
+    # optimizer without state to count. Retry on the same batch (the scaler has backed off)
+    # until every optimizer has stepped once; the step counts as "stepped" only then.
+    stepped = list(result.optimizers_stepped)
+    retries = 0
+    while not all(stepped) and result.reason != NONFINITE_LOSS and retries < MAX_SKIP_RETRIES:
+        with engine.autocast():
+            loss = task.loss(model, batch)
+        engine.backward(loss)
+        result = engine.step()
+        stepped = [a or b for a, b in zip(stepped, result.optimizers_stepped)]
+        retries += 1
     cuda_peak = None
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -109,5 +123,6 @@ def measure_memory(task: Task, policy: Policy | str, *, seed: int = 0, device: s
         "activation_bytes": activations,
         "batch_shape": list(first.shape) if isinstance(first, torch.Tensor) else None,
         "cuda_peak_bytes": cuda_peak,
-        "step": "skipped" if result.skipped else "stepped",
+        "step": "stepped" if all(stepped) else "skipped",
+        "skipped_before_stepping": retries if all(stepped) else None,
     }

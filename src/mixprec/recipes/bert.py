@@ -68,8 +68,6 @@ Use it as ``mixprec.recipes.bert.bert(**kwargs)`` or by name: ``mixprec train be
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import os
 import sysconfig
 import zlib
@@ -81,9 +79,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.errors import UsageError
+from mixprec.recipes._args import check_float, check_int
 from mixprec.recipes.info import RecipeInfo
 from mixprec.recipes.lm import _stdlib_py_files
 from mixprec.task import Task
+
+_check_int = functools.partial(check_int, "bert")
+_check_float = functools.partial(check_float, "bert")
 
 __all__ = ["PAD", "CLS", "SEP", "MASK", "VOCAB_SIZE", "ClassText", "StdlibPackages",
            "load_stdlib_packages", "encode_windows", "score_totals", "accuracy", "add_linear_warmup", "bert"]
@@ -251,24 +253,6 @@ def add_linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> No
 
 
 # --------------------------------------------------------------------------- argument checks
-
-
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise UsageError(f"bert: {name} must be {what}, got {value!r}")
-
-
-def _check_float(name: str, value, *, low: float, low_inclusive: bool, high: float | None = None
-                 ) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-          and math.isfinite(value)
-          and (value >= low if low_inclusive else value > low)
-          and (high is None or value < high))
-    if not ok:
-        lo = "[" if low_inclusive else "("
-        hi = f"{high})" if high is not None else "inf)"
-        raise UsageError(f"bert: {name} must be a finite number in {lo}{low}, {hi}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- task

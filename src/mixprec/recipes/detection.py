@@ -44,15 +44,18 @@ The metric
     rare), and one that knows where the digits are but guesses their class about 0.1.
 
 Expected numbers (fp32, defaults, seed 0; 2-core AMD EPYC with AVX512_BF16, torch 2.13)
-    * not yet measured on a quiet machine (this session's machine was shared, load 10-19);
-      RECIPE.expected_fp32 stays None until it is.
+    * after ``verify_steps`` = 300 steps (``mixprec verify --all``, docs/results.md):
+      map50 0.991 (seed 0) and 0.976 (seed 1); median fp32 step about 56 ms, 300 steps in
+      about 17 s. bf16-mixed 0.990 (1.68x faster), emulated fp16 0.993 (2 steps skipped
+      by the loss scaler at the start, as expected), fp8-mixed 0.990: the detector is
+      convolutional and torchao converts only ``nn.Linear`` layers, so fp8-mixed trains as
+      bf16-mixed here.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Iterator
 
 import numpy as np
@@ -61,8 +64,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.errors import UsageError
+from mixprec.recipes._args import check_float, check_int
 from mixprec.recipes.info import RecipeInfo
 from mixprec.task import Task
+
+_check_int = functools.partial(check_int, "detection")
+_check_float = functools.partial(check_float, "detection")
 
 __all__ = ["Detector", "Scenes", "make_scenes", "encode_targets", "detection_loss", "decode", "detection"]
 
@@ -273,21 +280,6 @@ def decode(out: np.ndarray, anchor: float, score_threshold: float = 0.01,
 # --------------------------------------------------------------------------- task
 
 
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise UsageError(f"detection: {name} must be {what}, got {value!r}")
-
-
-def _check_float(name: str, value, *, low: float, low_inclusive: bool, high: float | None = None) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-          and (value >= low if low_inclusive else value > low) and (high is None or value < high))
-    if not ok:
-        lo = "[" if low_inclusive else "("
-        hi = f"{high})" if high is not None else "inf)"
-        raise UsageError(f"detection: {name} must be a finite number in {lo}{low}, {hi}, got {value!r}")
-
-
 def detection(width: int = 32, canvas: int = 64, max_digits: int = 4, min_size: int = 16,
               max_size: int = 28, train_scenes: int = 4096, val_scenes: int = 200,
               batch_size: int = 32, lr: float = 2e-3, weight_decay: float = 0.05,
@@ -375,7 +367,7 @@ RECIPE = RecipeInfo(
     description="Digit detection on composed scenes with per-class NMS and mAP@0.5; no downloads.",
     metric_key="map50",
     higher_is_better=True,
-    expected_fp32=None,
+    expected_fp32=(0.95, 1.0),
     verify_steps=300,
     tiny=dict(width=8, train_scenes=64, val_scenes=16, batch_size=8, eval_batch_size=16),
     tiny_steps=10,

@@ -89,9 +89,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.errors import UsageError
+from mixprec.recipes._args import check_float, check_int
 from mixprec.recipes.digits import load_digits_split, upsample
 from mixprec.recipes.info import RecipeInfo
 from mixprec.task import Task
+
+_check_int = functools.partial(check_int, "gan")
+_check_float = functools.partial(check_float, "gan")
 
 __all__ = ["DCGAN", "Discriminator", "FIDClassifier", "Generator", "fid_classifier", "fid_floor",
            "frechet_distance", "gan", "gaussian_stats", "load_digit_images", "save_sample_grid"]
@@ -439,20 +443,6 @@ def save_sample_grid(model: DCGAN, path: str | os.PathLike, n: int = 64) -> Path
 # --------------------------------------------------------------------------- task
 
 
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise UsageError(f"gan: {name} must be {what}, got {value!r}")
-
-
-def _check_float(name: str, value, *, low: float, high: float | None = None) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-          and value > low and (high is None or value < high))
-    if not ok:
-        raise UsageError(f"gan: {name} must be a finite number in ({low}, {high if high is not None else 'inf'}), "
-                         f"got {value!r}")
-
-
 def gan(image_size: int = 16, nz: int = 32, g_channels: int = 64, d_channels: int = 64, batch_size: int = 64,
         lr: float = 2e-4, beta1: float = 0.5, n_fid: int = 1000, sample_grid: str | None = None) -> Task:
     """The ``gan`` Task: DCGAN on the digits, simultaneous updates, FID (see the module doc)."""
@@ -467,7 +457,7 @@ def gan(image_size: int = 16, nz: int = 32, g_channels: int = 64, d_channels: in
     if image_size == 32 and g_channels < 2:
         raise UsageError(f"gan: g_channels must be at least 2 for image_size 32, got {g_channels!r}")
     _check_float("lr", lr, low=0.0)
-    _check_float("beta1", beta1, low=-1e-12, high=1.0)
+    _check_float("beta1", beta1, low=0.0, low_inclusive=True, high=1.0)
     if sample_grid is not None and not isinstance(sample_grid, (str, os.PathLike)):
         raise UsageError(f"gan: sample_grid must be a file path (str) or None, got {sample_grid!r}")
 

@@ -16,7 +16,10 @@ class RecipeInfo:
     says which way is good); ``expected_fp32`` is the documented range of that metric in fp32
     at the defaults after ``verify_steps`` steps, the number of optimizer steps
     ``mixprec verify --all`` runs. ``tiny`` are keyword arguments for a seconds-long build in
-    tests.
+    tests. ``scaler``: loss-scaler settings (:class:`~mixprec.policy.ScalerConfig` fields)
+    that ``verify --all`` uses for the precisions that scale the loss (fp16), when the
+    recipe's numerics call for other than the defaults; the recipe's docstring says why,
+    and the parity table shows them.
     """
 
     name: str
@@ -32,3 +35,4 @@ class RecipeInfo:
     verify_steps: int = 100
     tiny: dict[str, Any] = field(default_factory=dict)
     tiny_steps: int = 10
+    scaler: dict[str, Any] = field(default_factory=dict)

@@ -16,15 +16,18 @@ The data
     split otherwise: the split is by file, stable across runs and machines with the same
     Python, and no file contributes to both. Files are joined with a NUL separator byte.
 
-Expected numbers (fp32, defaults, seed 0; 2-core AMD EPYC with AVX512_BF16, torch 2.13,
+Expected numbers (fp32, defaults; 2-core AMD EPYC with AVX512_BF16, torch 2.13,
 CPython 3.11 stdlib: 1.87 MB train / 0.13 MB validation bytes, loaded in < 0.1 s)
-    * loss 5.66 at step 1 (ln 256 = 5.55), mean of steps 91-100 about 2.46, about 7 s
-      for the 100 steps; ``evaluate`` then gives val_loss 2.50, perplexity 12.2.
-    * step time (forward + backward + AdamW), median: fp32 about 70 ms, bf16 autocast
-      about 60 ms (about 1.15x). At this size much of the step is per-op overhead rather
-      than matmuls, so bf16 gains little on a CPU.
+    * after 100 steps ``evaluate`` gives val_loss 2.61 (seed 0) and 2.64 (seed 1),
+      perplexity about 14; about 17 s for the 100 steps.
+    * step time (forward + backward + AdamW), median: fp32 about 165 ms, bf16 autocast
+      about 90 ms: 1.9x [1.7, 2.1] (benchmarks/scaling.py, interleaved, 60 rounds).
+    * why d_model 256: at d_model 128 the same step is 69 ms vs 57 ms (1.16x), because
+      much of it is per-op overhead rather than matmuls, and a recipe that shows no
+      speed-up from bf16 is not a fair test of mixed precision. At 512 it is 2.6x, but
+      100 steps then take about a minute in fp32, too long for ``verify --all``.
     * lr 1e-3 (constant, no warm-up) beats 3e-3 here: at 3e-3 the loss sits on the
-      ~2.8-3.0 plateau for most of the first 100 steps.
+      ~2.8-3.0 plateau for most of the first 100 steps (measured at d_model 128).
 
 Use it as ``mixprec.recipes.lm.lm(**kwargs)`` or by name: ``mixprec train lm``.
 """
@@ -44,8 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.errors import UsageError
+from mixprec.recipes._args import check_float, check_int
 from mixprec.recipes.info import RecipeInfo
 from mixprec.task import Task
+
+_check_int = functools.partial(check_int, "lm")
+_check_float = functools.partial(check_float, "lm")
 
 __all__ = ["GPT", "Block", "CausalSelfAttention", "MLP", "load_stdlib_bytes", "lm"]
 
@@ -173,7 +180,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Byte-level GPT: ``forward(idx: LongTensor (B, T)) -> logits (B, T, 256)``."""
 
-    def __init__(self, n_layer: int = 2, n_head: int = 4, d_model: int = 128,
+    def __init__(self, n_layer: int = 2, n_head: int = 4, d_model: int = 256,
                  seq_len: int = 128, dropout: float = 0.0, vocab_size: int = VOCAB_SIZE):
         super().__init__()
         self.seq_len = seq_len
@@ -211,25 +218,7 @@ class GPT(nn.Module):
 # --------------------------------------------------------------------------- task
 
 
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise UsageError(f"lm: {name} must be {what}, got {value!r}")
-
-
-def _check_float(name: str, value, *, low: float, low_inclusive: bool, high: float | None = None
-                 ) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-          and math.isfinite(value)
-          and (value >= low if low_inclusive else value > low)
-          and (high is None or value < high))
-    if not ok:
-        lo = "[" if low_inclusive else "("
-        hi = f"{high})" if high is not None else "inf)"
-        raise UsageError(f"lm: {name} must be a finite number in {lo}{low}, {hi}, got {value!r}")
-
-
-def lm(n_layer: int = 2, n_head: int = 4, d_model: int = 128, seq_len: int = 128,
+def lm(n_layer: int = 2, n_head: int = 4, d_model: int = 256, seq_len: int = 128,
        batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 0.1,
        dropout: float = 0.0, max_bytes: int = 2_000_000, eval_batches: int = 8) -> Task:
     """The ``lm`` Task: byte-level GPT on the standard library's source (see module doc)."""
@@ -315,13 +304,13 @@ RECIPE = RecipeInfo(
     name="lm",
     factory=lm,
     domain="language model",
-    model="GPT-style byte-level decoder (2 layers, d_model 128, 4 heads, untied lm_head)",
+    model="GPT-style byte-level decoder (2 layers, d_model 256, 4 heads, untied lm_head)",
     data="Python standard library .py sources (bytes), split by file",
     metric="val_loss (cross-entropy, nats/byte), perplexity",
     description="Next-byte prediction on Python's own source code; no downloads.",
     metric_key="val_loss",
     higher_is_better=False,
-    expected_fp32=(2.3, 2.7),
+    expected_fp32=(2.4, 2.8),
     verify_steps=100,
     tiny=dict(n_layer=1, n_head=4, d_model=64, seq_len=64, batch_size=8, eval_batches=2),
 )

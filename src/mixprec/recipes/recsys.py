@@ -82,8 +82,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.errors import UsageError
+from mixprec.recipes._args import check_float, check_int
 from mixprec.recipes.info import RecipeInfo
 from mixprec.task import Task
+
+_check_int = functools.partial(check_int, "recsys")
+_check_float = functools.partial(check_float, "recsys")
 
 __all__ = ["DLRM", "ClickLogs", "bayes_auc", "click_metrics", "generate_click_logs", "recsys"]
 
@@ -252,20 +256,6 @@ class DLRM(nn.Module):
 
 
 # --------------------------------------------------------------------------- task
-
-
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise UsageError(f"recsys: {name} must be {what}, got {value!r}")
-
-
-def _check_float(name: str, value, *, low: float, low_inclusive: bool) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-          and (value >= low if low_inclusive else value > low))
-    if not ok:
-        bracket = "[" if low_inclusive else "("
-        raise UsageError(f"recsys: {name} must be a finite number in {bracket}{low}, inf), got {value!r}")
 
 
 def _check_sizes(name: str, value, minimum: int = 1) -> tuple[int, ...]:

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Iterator
 
 import torch
@@ -75,9 +74,13 @@ from torch import nn
 
 from mixprec.errors import UsageError
 from mixprec.recipes import audio
+from mixprec.recipes._args import check_float, check_int
 from mixprec.recipes.audio import mulaw_decode, mulaw_encode
 from mixprec.recipes.info import RecipeInfo
 from mixprec.task import Task
+
+_check_int = functools.partial(check_int, "tts")
+_check_float = functools.partial(check_float, "tts")
 
 __all__ = ["WaveNet", "ResidualLayer", "CausalConv1d", "tts", "load_tts_data", "mulaw_encode",
            "mulaw_decode", "N_CLASSES"]
@@ -153,24 +156,6 @@ class WaveNet(nn.Module):
 
 
 # --------------------------------------------------------------------------- task
-
-
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise UsageError(f"tts: {name} must be {what}, got {value!r}")
-
-
-def _check_float(name: str, value, *, low: float, low_inclusive: bool, high: float | None = None
-                 ) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-          and math.isfinite(value)
-          and (value >= low if low_inclusive else value > low)
-          and (high is None or value < high))
-    if not ok:
-        lo = "[" if low_inclusive else "("
-        hi = f"{high})" if high is not None else "inf)"
-        raise UsageError(f"tts: {name} must be a finite number in {lo}{low}, {hi}, got {value!r}")
 
 
 def tts(residual: int = 32, gate: int = 32, skip: int = 64, layers_per_stack: int = 8,

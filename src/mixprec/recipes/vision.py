@@ -31,6 +31,11 @@ scikit-learn digits)
       leaves it (on CPU it computes its statistics in fp32 for bf16 inputs). Both
       ``mixprec verify vision --precision bf16-mixed --noise-floor`` and
       ``--precision emulate:fp16-mixed`` pass at the defaults with nothing kept in fp32.
+    * after ``verify_steps`` = 200 steps (``mixprec verify --all``, docs/results.md):
+      accuracy 0.997 (seed 0) and 0.992 (seed 1); bf16-mixed, emulated fp16 and fp8-mixed
+      all give 0.997. fp8-mixed equals bf16-mixed here: torchao converts only
+      ``nn.Linear`` layers whose sizes are multiples of 16, and the one linear (64 -> 10)
+      is not, so every matmul stays bf16 (the policy's ``fp8_skipped`` says so).
 
 Use it as ``mixprec.recipes.vision.vision(**kwargs)`` or by name: ``mixprec train vision``.
 """
@@ -38,7 +43,6 @@ Use it as ``mixprec.recipes.vision.vision(**kwargs)`` or by name: ``mixprec trai
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from typing import Iterator, Sequence
 
@@ -47,8 +51,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.errors import UsageError
+from mixprec.recipes._args import check_float, check_int
 from mixprec.recipes.info import RecipeInfo
 from mixprec.task import Task
+
+_check_int = functools.partial(check_int, "vision")
+_check_float = functools.partial(check_float, "vision")
 
 __all__ = ["BasicBlock", "ResNet", "load_vision_data", "shift_images", "accuracy", "linear_decay", "vision"]
 
@@ -71,7 +79,7 @@ def load_vision_data(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, 
     """``(train_x, train_y, val_x, val_y)``: the digits upsampled to ``image_size`` and
     standardized with the training set's pixel mean and std (``float32 (N, 1, S, S)``).
     Cached per process and shared: treat the tensors as read-only."""
-    _check_int("vision", "image_size", image_size, minimum=8)
+    _check_int("image_size", image_size, minimum=8)
     return _load(int(image_size))
 
 
@@ -199,31 +207,16 @@ def linear_decay(optimizer: torch.optim.Optimizer, decay_steps: int,
 # --------------------------------------------------------------------------- task
 
 
-def _check_int(recipe: str, name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise UsageError(f"{recipe}: {name} must be {what}, got {value!r}")
-
-
-def _check_float(name: str, value, *, low: float, low_inclusive: bool, high: float | None = None) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-          and (value >= low if low_inclusive else value > low) and (high is None or value <= high))
-    if not ok:
-        lo = "[" if low_inclusive else "("
-        hi = f"{high}]" if high is not None else "inf)"
-        raise UsageError(f"vision: {name} must be a finite number in {lo}{low}, {hi}, got {value!r}")
-
-
 def vision(width: int = 64, stage_blocks: Sequence[int] = (1, 1, 1), image_size: int = 32,
            batch_size: int = 64, lr: float = 5e-3, weight_decay: float = 0.05, shift: int = 1,
            bn_momentum: float = 0.3, decay_steps: int = 200, eval_batch_size: int = 360) -> Task:
     """The ``vision`` Task: a small ResNet on the upsampled digits (see module doc)."""
     for name, value in [("width", width), ("batch_size", batch_size),
                         ("eval_batch_size", eval_batch_size)]:
-        _check_int("vision", name, value)
-    _check_int("vision", "image_size", image_size, minimum=8)
-    _check_int("vision", "shift", shift, minimum=0)
-    _check_int("vision", "decay_steps", decay_steps, minimum=0)
+        _check_int(name, value)
+    _check_int("image_size", image_size, minimum=8)
+    _check_int("shift", shift, minimum=0)
+    _check_int("decay_steps", decay_steps, minimum=0)
     if (isinstance(stage_blocks, (str, bytes)) or not isinstance(stage_blocks, (list, tuple))
             or not stage_blocks
             or not all(not isinstance(b, bool) and isinstance(b, numbers.Integral) and b >= 1
@@ -239,7 +232,7 @@ def vision(width: int = 64, stage_blocks: Sequence[int] = (1, 1, 1), image_size:
         raise UsageError(f"vision: shift={shift} must be smaller than image_size={image_size}")
     _check_float("lr", lr, low=0.0, low_inclusive=False)
     _check_float("weight_decay", weight_decay, low=0.0, low_inclusive=True)
-    _check_float("bn_momentum", bn_momentum, low=0.0, low_inclusive=False, high=1.0)
+    _check_float("bn_momentum", bn_momentum, low=0.0, high=1.0, high_inclusive=True)
 
     train_x, train_y, val_x, val_y = load_vision_data(image_size)
     fill = float(train_x.min())  # the standardized value of a blank pixel
@@ -306,7 +299,7 @@ RECIPE = RecipeInfo(
     description="Digit classification with a small BatchNorm ResNet; no downloads.",
     metric_key="accuracy",
     higher_is_better=True,
-    expected_fp32=(0.95, 0.99),
+    expected_fp32=(0.97, 1.0),
     verify_steps=200,
     tiny=dict(width=16, image_size=16, batch_size=32, decay_steps=0, eval_batch_size=180),
     tiny_steps=10,

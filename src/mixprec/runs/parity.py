@@ -17,6 +17,7 @@ not a claim about the format. ``emulate="never"`` runs every candidate natively.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,7 +25,7 @@ from typing import Any, Callable, Sequence
 from mixprec import probe as probe_mod
 from mixprec.environment import environment
 from mixprec.errors import UsageError
-from mixprec.policy import normalize_mode
+from mixprec.policy import Policy, normalize_mode, parse_policy
 from mixprec.recipes import RECIPES, get_recipe
 from mixprec.runs.verify import verify_many
 
@@ -108,9 +109,11 @@ def verify_all(recipes: Sequence[str] | str | None = None, precisions: Sequence[
         say(f"{name}: fp32 reference, fp32 noise floor, then "
             + ", ".join(plan[m]["executed_as"] for m in modes) + f" ({n_steps} steps each)")
         t0 = time.perf_counter()
-        docs = verify_many(task, [plan[m]["executed_as"] for m in modes], steps=n_steps, seed=seed,
-                           noise_floor=True, device=device)
+        policies = [candidate_policy(info, plan[m]["executed_as"]) for m in modes]
+        docs = verify_many(task, policies, steps=n_steps, seed=seed, noise_floor=True, device=device)
         row = _row(info, docs, modes, plan)
+        for mode, policy in zip(modes, policies):
+            row["candidates"][mode]["scaler"] = dict(info.scaler) if info.scaler and policy.loss_scaling else None
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         for mode, cand in row["candidates"].items():
@@ -144,6 +147,25 @@ def verify_all(recipes: Sequence[str] | str | None = None, precisions: Sequence[
     return doc
 
 
+def candidate_policy(info: Any, executed_as: str) -> Policy:
+    """The policy ``executed_as`` names, with the recipe's own loss-scaler settings
+    (``RecipeInfo.scaler``) when the mode scales the loss."""
+    policy = parse_policy(executed_as)
+    if info.scaler and policy.loss_scaling:
+        policy = replace(policy, scaler=replace(policy.scaler, **info.scaler))
+    return policy
+
+
+def _shown(mode: str, c: dict[str, Any]) -> str:
+    """The precision cell: the mode, and how it ran when that is not the plain mode."""
+    fp8 = c.get("fp8_linears")
+    notes = (["emulated"] if c["emulated"] else []) + (
+        [] if fp8 is None else [f"{fp8} of {fp8 + c.get('fp8_skipped', 0)} linears in fp8"]) + [
+        f"{k.replace('_', ' ')} {v:g}" if isinstance(v, (int, float)) else f"{k.replace('_', ' ')} {v}"
+        for k, v in (c.get("scaler") or {}).items()]
+    return f"{mode} ({'; '.join(notes)})" if notes else mode
+
+
 def _row(info: Any, docs: list[dict[str, Any]], modes: list[str], plan: dict[str, dict[str, Any]]) -> dict[str, Any]:
     key = info.metric_key
     first = docs[0]
@@ -173,6 +195,9 @@ def _row(info: Any, docs: list[dict[str, Any]], modes: list[str], plan: dict[str
             "activation_ratio": mem["activation_ratio"], "state_ratio": mem["state_ratio"],
             "skipped_steps": len(d["candidate_run"]["skipped_steps"] or []),
         }
+        if "fp8_modules" in d["candidate"]:  # how much of the model fp8 actually covered
+            row["candidates"][mode]["fp8_linears"] = len(d["candidate"]["fp8_modules"])
+            row["candidates"][mode]["fp8_skipped"] = len(d["candidate"].get("fp8_skipped") or {})
     return row
 
 
@@ -199,7 +224,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     for row in doc["rows"]:
         arrow = "↑" if row["higher_is_better"] else "↓"
         for mode, c in row["candidates"].items():
-            shown = f"{mode} (emulated)" if c["emulated"] else mode
+            shown = _shown(mode, c)
             lines.append(
                 f"| {row['recipe']} | {row['domain']} | {row['metric']} {arrow} | {_num(row['reference_value'])} "
                 f"| {shown} | {_num(c['value'])} | {_signed(c['difference'])} "
@@ -220,6 +245,9 @@ def render_legend(doc: dict[str, Any]) -> str:
         "saved for backward), candidate / fp32.",
         "- An emulated precision rounds to its format in software: its numerics are the format's, its speed is "
         "the emulation's, not the format's.",
+        *(["- fp8-mixed (torchao float8 training) converts the `nn.Linear` layers whose sizes are multiples of 16; "
+            "everything else (convolutions, the other linears) runs bf16-mixed. \"0 of 0 linears in fp8\" is a "
+            "convolutional model that trained as bf16-mixed."] if any("fp8" in m for m in doc["precisions"]) else []),
         *parts,
     ]) + "\n"
 
@@ -237,10 +265,22 @@ def render_document(doc: dict[str, Any]) -> str:
         f"Command: `{doc.get('command') or 'mixprec verify --all'}`", "",
         render_markdown(doc), render_legend(doc),
     ]
+    outside = [r for r in doc["rows"] if outside_expected(r)]
+    lines += ["- **fp32 against its documented range** (`mixprec recipes`): "
+              + ("every recipe's fp32 value is inside its range." if not outside else
+                 "outside for " + ", ".join(f"{r['recipe']} ({_num(r['reference_value'])}, documented "
+                                           f"{r['expected_fp32'][0]:g}-{r['expected_fp32'][1]:g})" for r in outside)
+                 + "."), ""]
     fails = [(r["recipe"], m, c) for r in doc["rows"] for m, c in r["candidates"].items() if c["verdict"] != "PASS"]
     if fails:
         lines += ["## Failures", ""] + [f"- {recipe} {mode}: " + "; ".join(c["reasons"]) for recipe, mode, c in fails]
     return "\n".join(lines) + "\n"
+
+
+def outside_expected(row: dict[str, Any]) -> bool:
+    """The row's fp32 value is known and lies outside the recipe's documented fp32 range."""
+    rng, value = row.get("expected_fp32"), row.get("reference_value")
+    return bool(rng) and value is not None and not rng[0] <= value <= rng[1]
 
 
 def render_summary(doc: dict[str, Any]) -> str:
@@ -269,7 +309,7 @@ def write_table(doc: dict[str, Any], report_dir: str | Path) -> dict[str, Path]:
             link = f'<a href="{html.escape(c["report"])}">report</a>' if c.get("report") else ""
             cells.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
                 row["recipe"], row["domain"], row["metric"], _num(row["reference_value"]),
-                mode + (" (emulated)" if c["emulated"] else ""), _num(c["value"]), _signed(c["difference"]),
+                _shown(mode, c), _num(c["value"]), _signed(c["difference"]),
                 _signed(row["noise_floor"]["difference"]), c["verdict"], _ratio(c["speedup"]),
                 _ratio(c["memory_ratio"]))) + f"<td>{link}</td></tr>")
     head = "".join(f"<th>{h}</th>" for h in ("recipe", "domain", "metric", "fp32", "precision", "value", "difference",

@@ -133,7 +133,9 @@ def _run(task: Task, policy: Policy, steps: int, seed: int, device: str, directo
             w_parts: dict[str, list[torch.Tensor]] = {}
             for name, p in named.items():
                 module = name.rpartition(".")[0] or name
-                g_parts.setdefault(module, []).append(p.grad.detach().float().flatten().cpu())
+                grad = p.grad.detach()
+                grad = grad.to_dense() if grad.is_sparse else grad  # nn.Embedding(sparse=True)
+                g_parts.setdefault(module, []).append(grad.float().flatten().cpu())
                 w_parts.setdefault(module, []).append(p.detach().float().flatten().cpu())
             grads[step] = {m: torch.cat(parts) for m, parts in g_parts.items()}
             weights[step] = {m: torch.cat(parts) for m, parts in w_parts.items()}
