@@ -75,6 +75,14 @@ def fmt_ci(s: dict[str, Any] | None, digits: int = 3) -> str:
     return text + ("" if s.get("ci_level", 1) >= 0.95 else f" ({s['ci_level']:.0%} CI)")
 
 
+MIN_CI_LEVEL = 0.85  # below this coverage (fewer than 4 rounds) a ratio supports no verdict
+
+
+def judgeable(s: dict[str, Any]) -> bool:
+    """Enough rounds behind this summary for its interval to carry a verdict."""
+    return s.get("ci_level", 1) >= MIN_CI_LEVEL
+
+
 def fmt_ms(seconds: float | None) -> str:
     return "n/a" if seconds is None or not math.isfinite(seconds) else f"{seconds * 1e3:.1f} ms"
 

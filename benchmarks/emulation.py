@@ -38,7 +38,7 @@ def markdown(doc: dict[str, Any]) -> str:
     head = f"lm ({doc['config_name']}), fp32 step {_common.fmt_ms(doc['fp32_step_s_median'])}\n\n"
     rows = []
     for r in doc["results"]:
-        target = "" if r["target"] is None else f"<= 3: " + ("met" if r["meets_target"] else "MISSED")
+        target = "" if r["target"] is None else "<= 3: " + ("met" if r["meets_target"] else "MISSED")
         rows.append([r["mode"], r["rounds"], _common.fmt_ms(r["step_s_median"]), _common.fmt_ci(r["ratio_to_fp32"], 2),
                      _common.fmt_ci(r.get("ratio_to_native_fp16"), 3), target])
     return head + _common.table(["mode", "rounds", "step", "x fp32 [95% CI]", "x native fp16 [95% CI]", "target"],

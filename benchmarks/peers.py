@@ -38,7 +38,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -309,6 +308,8 @@ def markdown(doc: dict[str, Any]) -> str:
                 verdict = "faster" if hi < 1 else "slower" if lo > 1 else "no measurable difference"
                 target = ("<= 1.02: " + ("met" if s["median"] <= 1.02 else "MISSED")) if peer == "torch.amp" else \
                     ("no slower: " + ("met" if lo <= 1.0 else "MISSED"))
+                if not _common.judgeable(s):
+                    verdict, target = f"too few rounds to tell ({s['rounds']})", "n/a"
                 vrows.append([g["precision"], f"mixprec / {peer}", _common.fmt_ci(s), verdict, target])
         out.append(_common.table(["precision", "step-time ratio", "median [95% CI]", "verdict", "target"], vrows))
         out.append("")

@@ -43,9 +43,12 @@ def rows_from(results: dict[str, Any], ceiling: dict[str, Any], bf16_cpu: bool) 
     rows = []
     for r in results.get("rows", []):
         for mode, c in (r.get("candidates") or {}).items():
-            cap = (ceiling.get(FORMAT.get(mode, "")) or {}).get("ratio_to_fp32")
+            fmt = FORMAT.get(mode, "")
+            if fmt == "fp8_e4m3" and c.get("fp8_linears") == 0:
+                fmt = "bf16"  # torchao converted no layer: the run was bf16-mixed, so is its ceiling
+            cap = (ceiling.get(fmt) or {}).get("ratio_to_fp32")
             speedup = c.get("speedup")
-            row = {"recipe": r.get("recipe"), "domain": r.get("domain"), "precision": mode,
+            row = {"recipe": r.get("recipe"), "domain": r.get("domain"), "precision": mode, "ceiling_format": fmt,
                    "executed_as": c.get("executed_as", mode), "emulated": bool(c.get("emulated")),
                    "speedup": speedup, "ceiling": None if c.get("emulated") else cap,
                    "fraction_of_ceiling": None if c.get("emulated") or not speedup or not cap else speedup / cap}
@@ -84,7 +87,9 @@ def markdown(doc: dict[str, Any]) -> str:
                            for k, v in (r.get("targets") or {}).items())
         rows.append([r["recipe"], r["precision"] + (" (emulated)" if r["emulated"] else ""),
                      "n/a" if r["speedup"] is None else f"{r['speedup']:.2f}x",
-                     "-" if r["ceiling"] is None else f"{r['ceiling']:.2f}x",
+                     "-" if r["ceiling"] is None else f"{r['ceiling']:.2f}x"
+                     + (f" ({r['ceiling_format']}: no layer ran fp8)" if r.get("ceiling_format") == "bf16"
+                        and r["precision"] == "fp8-mixed" else ""),
                      "-" if r["fraction_of_ceiling"] is None else f"{r['fraction_of_ceiling']:.0%}", target])
     out.append(_common.table(["recipe", "precision", "speed-up over fp32", "matmul ceiling", "of ceiling", "target"],
                              rows, right=(2, 3, 4)))

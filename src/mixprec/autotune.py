@@ -154,6 +154,14 @@ def keep_list(rows: list[dict[str, Any]], budget: float) -> list[str]:
 def measure_speedup(task: Task, policy: Policy, steps: int, seed: int, device: str) -> tuple[float, float, float]:
     """(fp32 step s, candidate step s, speedup): one step of each per round on the same
     batch, order alternating, after one warm-up round; speedup = median per-round ratio."""
+    ref, cand = interleaved_step_times(task, policy, steps, seed, device)
+    ratios = [a / b for a, b in zip(ref, cand)]
+    return statistics.median(ref), statistics.median(cand), statistics.median(ratios)
+
+
+def interleaved_step_times(task: Task, policy: Policy, steps: int, seed: int, device: str
+                           ) -> tuple[list[float], list[float]]:
+    """Per-round step seconds of fp32 and ``policy`` (see :func:`measure_speedup`)."""
     import torch
 
     from mixprec.engine import Engine
@@ -178,8 +186,7 @@ def measure_speedup(task: Task, policy: Policy, steps: int, seed: int, device: s
             engine.step()
             if r:
                 times[i].append(time.perf_counter() - t0)
-    ratios = [a / b for a, b in zip(times[0], times[1])]
-    return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
+    return times[0], times[1]
 
 
 def confirm(task: Task, policy: Policy, steps: int, seed: int, device: str, budget: float) -> dict[str, Any]:

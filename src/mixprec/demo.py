@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable

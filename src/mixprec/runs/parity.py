@@ -32,6 +32,9 @@ from mixprec.runs.verify import verify_many
 PARITY_SCHEMA = "mixprec.verify-all/1"
 DEFAULT_PRECISIONS = ("bf16-mixed", "fp16-mixed")
 PARITY_PRECISIONS = ("bf16-mixed", "fp16-mixed", "fp8-mixed")
+# Interleaved timing rounds per candidate: enough at the defaults that the speed-up's 95% CI
+# is a few percent wide (8 rounds gave bert 0.93x in one run and 1.27x in the next).
+TIMING_ROUNDS = {"default": 30, "tiny": 4}
 _PROBE_FORMAT = {"bf16-mixed": "bf16", "fp16-mixed": "fp16", "fp8-mixed": "fp8_e4m3"}
 EMULATE_CHOICES = ("auto", "always", "never")
 
@@ -110,7 +113,8 @@ def verify_all(recipes: Sequence[str] | str | None = None, precisions: Sequence[
             + ", ".join(plan[m]["executed_as"] for m in modes) + f" ({n_steps} steps each)")
         t0 = time.perf_counter()
         policies = [candidate_policy(info, plan[m]["executed_as"]) for m in modes]
-        docs = verify_many(task, policies, steps=n_steps, seed=seed, noise_floor=True, device=device)
+        docs = verify_many(task, policies, steps=n_steps, seed=seed, noise_floor=True, device=device,
+                           timing_steps=TIMING_ROUNDS[size])
         row = _row(info, docs, modes, plan)
         for mode, policy in zip(modes, policies):
             row["candidates"][mode]["scaler"] = dict(info.scaler) if info.scaler and policy.loss_scaling else None
@@ -190,7 +194,7 @@ def _row(info: Any, docs: list[dict[str, Any]], modes: list[str], plan: dict[str
             "value": m.get("other"), "difference": _diff(m.get("other"), ref_value), "relative": m.get("rel"),
             "final_loss_relative": d["comparison"]["final_loss"]["rel"],
             "verdict": d["verdict"], "reasons": d["reasons"],
-            "speedup": d["speed"]["speedup"],
+            "speedup": d["speed"]["speedup"], "speedup_ci95": d["speed"].get("speedup_ci95"),
             "memory_ratio": total("candidate") / total("reference") if total("reference") else None,
             "activation_ratio": mem["activation_ratio"], "state_ratio": mem["state_ratio"],
             "skipped_steps": len(d["candidate_run"]["skipped_steps"] or []),
@@ -217,6 +221,11 @@ def _ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
+def _speed(c: dict[str, Any]) -> str:
+    ci = c.get("speedup_ci95")
+    return _ratio(c["speedup"]) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and c["speedup"] is not None else "")
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     """The parity table (one row per recipe and precision) with its legend."""
     lines = ["| recipe | domain | metric | fp32 | precision | value | difference | fp32 noise floor | verdict "
@@ -228,7 +237,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
             lines.append(
                 f"| {row['recipe']} | {row['domain']} | {row['metric']} {arrow} | {_num(row['reference_value'])} "
                 f"| {shown} | {_num(c['value'])} | {_signed(c['difference'])} "
-                f"| {_signed(row['noise_floor']['difference'])} | {c['verdict']} | {_ratio(c['speedup'])} "
+                f"| {_signed(row['noise_floor']['difference'])} | {c['verdict']} | {_speed(c)} "
                 f"| {_ratio(c['memory_ratio'])} |")
     return "\n".join(lines) + "\n"
 
@@ -240,7 +249,9 @@ def render_legend(doc: dict[str, Any]) -> str:
         "- **difference**: candidate minus fp32, same initial weights and data order. **fp32 noise floor**: "
         "fp32 under seed+1 minus fp32 (how far two fp32 runs land apart anyway); a candidate passes when its "
         "final loss and metrics are within 3x that drift (or 2% relative, whichever is larger).",
-        "- **speedup**: fp32 step time / candidate step time, interleaved steps on the same batches. **memory**: "
+        f"- **speedup**: fp32 step time / candidate step time: the median per-round ratio of "
+        f"{TIMING_ROUNDS.get(doc.get('size', 'default'), 'n')} rounds (one step of each on the same batch, order "
+        "alternating) with its 95% CI; docs/benchmarks.md has the 60-round figures. **memory**: "
         "tensor bytes of one training step (weights, gradients, optimizer state, master weights and activations "
         "saved for backward), candidate / fp32.",
         "- An emulated precision rounds to its format in software: its numerics are the format's, its speed is "
@@ -310,7 +321,7 @@ def write_table(doc: dict[str, Any], report_dir: str | Path) -> dict[str, Path]:
             cells.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
                 row["recipe"], row["domain"], row["metric"], _num(row["reference_value"]),
                 _shown(mode, c), _num(c["value"]), _signed(c["difference"]),
-                _signed(row["noise_floor"]["difference"]), c["verdict"], _ratio(c["speedup"]),
+                _signed(row["noise_floor"]["difference"]), c["verdict"], _speed(c),
                 _ratio(c["memory_ratio"]))) + f"<td>{link}</td></tr>")
     head = "".join(f"<th>{h}</th>" for h in ("recipe", "domain", "metric", "fp32", "precision", "value", "difference",
                                              "fp32 noise floor", "verdict", "speedup", "memory", ""))

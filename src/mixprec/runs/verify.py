@@ -47,7 +47,7 @@ DEFAULT_NOISE_MULTIPLE = 3.0
 def verify(task: Task, candidate: Policy | str, *, reference: Policy | str = "fp32", steps: int = 60, seed: int = 0,
            noise_floor: bool = False, loss_tolerance: float = DEFAULT_LOSS_TOLERANCE,
            metric_tolerance: float = DEFAULT_METRIC_TOLERANCE, noise_multiple: float = DEFAULT_NOISE_MULTIPLE,
-           timing_steps: int = 8, device: str = "cpu", **train_kwargs: Any) -> dict[str, Any]:
+           timing_steps: int = 20, device: str = "cpu", **train_kwargs: Any) -> dict[str, Any]:
     """Run ``task`` under ``reference`` and ``candidate``; return a ``mixprec.verify/1`` document.
 
     The speed figure comes from ``timing_steps`` extra steps of each, interleaved step by
@@ -61,7 +61,7 @@ def verify(task: Task, candidate: Policy | str, *, reference: Policy | str = "fp
 def verify_many(task: Task, candidates: list[Policy | str], *, reference: Policy | str = "fp32", steps: int = 60,
                 seed: int = 0, noise_floor: bool = False, loss_tolerance: float = DEFAULT_LOSS_TOLERANCE,
                 metric_tolerance: float = DEFAULT_METRIC_TOLERANCE, noise_multiple: float = DEFAULT_NOISE_MULTIPLE,
-                timing_steps: int = 8, device: str = "cpu", **train_kwargs: Any) -> list[dict[str, Any]]:
+                timing_steps: int = 20, device: str = "cpu", **train_kwargs: Any) -> list[dict[str, Any]]:
     """:func:`verify` for several candidates against one reference: the reference run (and
     the noise-floor run) happen once and every candidate is compared with them."""
     ref_policy = parse_policy(reference)
@@ -168,14 +168,18 @@ def monitor_ranges(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _speed(task: Task, ref: Policy, cand: Policy, cand_result: dict[str, Any], seed: int, device: str,
            steps: int) -> dict[str, Any]:
-    from mixprec.autotune import measure_speedup
+    from mixprec.autotune import interleaved_step_times
+    from mixprec.stats import ratio
 
     if ref.mode != "fp32" or cand_result["status"] != "completed":
-        return {"reference_step_s": None, "candidate_step_s": None, "speedup": None,
-                "method": "not measured (reference is not fp32, or the candidate diverged)"}
-    ref_s, cand_s, speedup = measure_speedup(task, cand, steps, seed, device)
-    return {"reference_step_s": ref_s, "candidate_step_s": cand_s, "speedup": speedup,
-            "method": f"median per-round ratio of {steps} steps each, interleaved on the same batches"}
+        return {"reference_step_s": None, "candidate_step_s": None, "speedup": None, "speedup_ci95": None,
+                "rounds": 0, "method": "not measured (reference is not fp32, or the candidate diverged)"}
+    ref_times, cand_times = interleaved_step_times(task, cand, steps, seed, device)
+    speed = ratio(ref_times, cand_times)
+    return {"reference_step_s": statistics.median(ref_times), "candidate_step_s": statistics.median(cand_times),
+            "speedup": speed["median"], "speedup_ci95": speed["ci95"], "rounds": steps,
+            "method": f"median per-round ratio of {steps} steps each, interleaved on the same batches "
+                      "(95% CI: order statistics of the median)"}
 
 
 def _memory(task: Task, ref: Policy, cand: Policy, seed: int, device: str) -> dict[str, Any]:
@@ -338,7 +342,10 @@ def render_verify(doc: dict[str, Any]) -> str:
     sp = doc["speed"]["speedup"]
     if sp is not None:
         lines.append(f"  step time {doc['speed']['candidate_step_s'] * 1e3:.1f} ms vs "
-                     f"{doc['speed']['reference_step_s'] * 1e3:.1f} ms ({sp:.2f}x, interleaved)")
+                     f"{doc['speed']['reference_step_s'] * 1e3:.1f} ms ({sp:.2f}x"
+                     + (" [{:.2f}, {:.2f}]".format(*ci) if (ci := doc["speed"].get("speedup_ci95")) else "")
+                     + (f", {doc['speed']['rounds']} interleaved rounds)" if doc["speed"].get("rounds")
+                        else ", interleaved)"))
     return "\n".join(lines)
 
 
