@@ -21,7 +21,8 @@ CPython 3.11 stdlib: 1.87 MB train / 0.13 MB validation bytes, loaded in < 0.1 s
     * after 100 steps ``evaluate`` gives val_loss 2.61 (seed 0) and 2.64 (seed 1),
       perplexity about 14; about 17 s for the 100 steps.
     * step time (forward + backward + AdamW), median: fp32 about 165 ms, bf16 autocast
-      about 90 ms: 1.9x [1.7, 2.1] (benchmarks/scaling.py, interleaved, 60 rounds).
+      about 90 ms: 1.87x [1.80, 1.99] and 1.94x [1.89, 2.04] in two runs of
+      benchmarks/scaling.py (interleaved, 60 rounds, idle machine).
     * why d_model 256: at d_model 128 the same step is 69 ms vs 57 ms (1.16x), because
       much of it is per-op overhead rather than matmuls, and a recipe that shows no
       speed-up from bf16 is not a fair test of mixed precision. At 512 it is 2.6x, but
