@@ -55,7 +55,7 @@ def main() -> int:
     n = _common.rounds(args)
     slow_native = not cpu_has_fast_fp16()
     native = args.native_rounds if args.native_rounds is not None else \
-        (n if not slow_native else {"full": 8, "quick": 6, "smoke": 1}[size])
+        (n if not slow_native else {"full": 8, "quick": 4, "smoke": 1}[size])
     warmup = 1 if size == "smoke" else args.warmup
     kwargs = dict(RECIPES["lm"].tiny) if size == "smoke" else {}
     task = lm(**kwargs)

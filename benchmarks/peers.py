@@ -27,7 +27,9 @@ skipped and says why (Accelerate does not autocast fp16 on a CPU; Fabric's
 
 Peak memory: each (model, precision, peer) trains 2 steps in a fresh process (see
 benchmarks/_common.py): the peak resident set, and its rise over the process's resident
-set before the model was built. On CUDA: ``torch.cuda.max_memory_allocated``.
+set before the model was built. On CUDA: ``torch.cuda.max_memory_allocated``. With
+--quick, a precision this hardware runs slowly (native fp16 on most CPUs) gets no memory
+runs: its tensors are the sizes bf16-mixed's are, and each run would take seconds a step.
 
     python benchmarks/peers.py [--quick | --smoke] [--models lm,bert] [--json peers.json]
 """
@@ -260,7 +262,7 @@ def measure(model: str, precision: str, rounds: int, warmup: int, smoke: bool, d
                                                       preload=PRELOAD)
     del loops
     return {"model": model, "task": described, "precision": precision, "rounds": rounds, "warmup": warmup,
-            "rows": rows, "mixprec_versus": versus}
+            "memory_measured": with_memory, "rows": rows, "mixprec_versus": versus}
 
 
 # (rounds, warm-up rounds) by size, model and whether the precision is slow here (native fp16
@@ -290,6 +292,8 @@ def markdown(doc: dict[str, Any]) -> str:
                     rows.append([g["precision"], r["peer"], "skipped", "", "", "", "", r["skipped"]])
                     continue
                 mem = r.get("memory") or {}
+                if not mem and not r.get("note") and g.get("memory_measured") is False:
+                    r = {**r, "note": "memory not measured (slow precision here, --quick)"}
                 peak = "n/a" if not mem or "error" in mem else _common.fmt_bytes(
                     mem.get("cuda_max_allocated_bytes") or mem["peak_rss_bytes"])
                 rise = "n/a" if not mem or "error" in mem or mem.get("rss_rise_bytes") is None else \
@@ -333,10 +337,11 @@ def main() -> int:
             slow = precision == "fp16-mixed" and not fast_fp16
             n, warmup = ROUNDS[size][model, slow] if args.rounds is None else (args.rounds, 1 if slow else 5)
             print(f"{model} {precision}: {warmup} warm-up + {n} rounds ...", file=sys.stderr, flush=True)
-            # --smoke measures memory for the first precision only, --quick not for BERT in slow fp16
-            # (each run is a process, and a slow-fp16 BERT step takes seconds here).
+            # --smoke measures memory for the first precision only, --quick not in slow fp16 (each
+            # run is a process, a slow-fp16 step takes seconds here, and fp16-mixed holds the same
+            # tensor sizes as bf16-mixed): that keeps run_all --quick within its 10 minutes.
             memory = not args.no_memory and (precision == "fp32" if size == "smoke" else
-                                             not (size == "quick" and model == "bert" and slow))
+                                             not (size == "quick" and slow))
             results.append(measure(model, precision, n, warmup, size == "smoke", args.device, memory))
     doc = _common.document("mixprec.bench.peers/1", args, args.device, models=models, clip_grad_norm=CLIP,
                            fp16_is_slow_here=not fast_fp16, results=results,
