@@ -380,9 +380,9 @@ class Engine:
     def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         if not params:
             return None
-        sparse = any(p.grad.is_sparse for p in params)
         if self.clip_grad_norm is not None:
-            if sparse:  # torch's clip_grad_norm_ has no sparse kernel (nn.Embedding(sparse=True))
+            # torch's clip_grad_norm_ has no sparse kernel (nn.Embedding(sparse=True))
+            if any(p.grad.is_sparse for p in params):
                 norm = _total_norm([p.grad for p in params])
                 coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
                 for p in params:
