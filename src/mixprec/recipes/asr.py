@@ -40,7 +40,8 @@ AVX512_BF16, torch 2.13)
     * The data (1,024 + 256 utterances, synthesized and featurized once per process) takes
       about 7 s of CPU time.
     * Step time: about 130 ms fp32, 60 steps in about 8 s. bf16 autocast speed-up in
-      ``mixprec verify --all`` (interleaved, quiet machine): 1.28x (docs/results.md).
+      ``mixprec verify --all`` (30 interleaved rounds, quiet machine): 1.38x [1.28, 1.43]
+      (docs/results.md).
     * Model input scaling: the front-end's output is multiplied by ``sqrt(d_model)`` before
       the sinusoidal positions are added (as ESPnet's conv subsampling does). Without it the
       positions (RMS 0.7) swamp the features (RMS 0.1-0.3) and the blank plateau lasted from

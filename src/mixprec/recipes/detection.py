@@ -46,7 +46,7 @@ The metric
 Expected numbers (fp32, defaults, seed 0; 2-core AMD EPYC with AVX512_BF16, torch 2.13)
     * after ``verify_steps`` = 300 steps (``mixprec verify --all``, docs/results.md):
       map50 0.991 (seed 0) and 0.976 (seed 1); median fp32 step about 56 ms, 300 steps in
-      about 17 s. bf16-mixed 0.990 (1.68x faster), emulated fp16 0.993 (2 steps skipped
+      about 17 s. bf16-mixed 0.990 (1.52x faster [1.49, 1.58]), emulated fp16 0.993 (2 steps skipped
       by the loss scaler at the start, as expected), fp8-mixed 0.990: the detector is
       convolutional and torchao converts only ``nn.Linear`` layers, so fp8-mixed trains as
       bf16-mixed here.

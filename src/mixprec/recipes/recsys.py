@@ -61,7 +61,8 @@ torch 2.13)
       0.76%) and auc 0.8162 vs 0.8162.
       emulate:fp16-mixed passes too (final loss 0.02% from fp32, auc 0.8163, no skipped
       steps).
-    * step time: bf16-mixed 1.30x faster than fp32 (interleaved, quiet machine); no more,
+    * step time: bf16-mixed 1.30x faster than fp32 (interleaved, quiet machine; 1.46x
+      [1.44, 1.49] over 30 rounds in ``verify --all``, docs/results.md); no more,
       because the table's dense gradient and its Adam update are fp32 memory traffic that
       bf16 does not shorten.
 

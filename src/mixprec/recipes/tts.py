@@ -46,10 +46,9 @@ AVX512_BF16, torch 2.13)
       residual, scores 5.38 bits on the validation waveforms (order 2: 5.71).
     * lr 5e-3 beats 2e-3 slightly (5.61 against 5.65 bits after 75 steps); the data takes
       about 1 s to synthesize.
-    * Step time: not yet measured on a quiet machine (the 2-core machine was shared, load
-      10-19, while this recipe was tuned). bf16 autocast speedup in ``mixprec verify``
-      (interleaved, under that load): 1.39x; emulated fp16: 0.64x (emulation costs, as
-      every conv's inputs and outputs are rounded in Python).
+    * Step time, as ``mixprec verify --all`` measured it on a quiet machine (30 interleaved
+      rounds, docs/results.md): bf16 autocast 1.16x [1.13, 1.20]; emulated fp16 0.64x
+      (emulation costs, as every conv's inputs and outputs are rounded in Python).
 
 Precision notes
     Checked with forward hooks under CPU bf16 autocast: every convolution outputs bf16, and

@@ -26,7 +26,8 @@ scikit-learn digits)
       val_loss 0.07-0.09.
     * one fp32 ``mixprec train vision`` (100 steps): about 20 s on a quiet machine, median
       step about 0.19 s; the convolutions are about 95 MFLOP per image forward (about 18
-      GFLOP per step with the backward). bf16-mixed steps are about 1.6x faster.
+      GFLOP per step with the backward). bf16-mixed steps are about 1.5x faster
+      (1.46x [1.44, 1.50] over 30 rounds in ``verify --all``, docs/results.md).
     * Numerics: the loss is cross-entropy on ``logits.float()``; BatchNorm runs as autocast
       leaves it (on CPU it computes its statistics in fp32 for bf16 inputs). Both
       ``mixprec verify vision --precision bf16-mixed --noise-floor`` and
